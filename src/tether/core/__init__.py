@@ -1,0 +1,1 @@
+"""Domain: task states and their transitions, records, errors."""

@@ -1,0 +1,85 @@
+"""Domain records shared by every layer below the server.
+
+Messages, parts and artifacts are kept as A2A 1.0 ProtoJSON dicts: that is the
+canonical shape on disk and on the wire, so nothing is converted twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.core.states import TaskState
+
+JSON = dict[str, Any]
+
+DEFAULT_OWNER = "anonymous"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now() -> float:
+    return time.time()
+
+
+def iso(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds, as the spec's timestamp rule asks."""
+    ms = int(round(ts * 1000))
+    secs, ms = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+
+
+def text_message(role: str, text: str, **extra: Any) -> JSON:
+    msg: JSON = {"messageId": new_id(), "role": role, "parts": [{"text": text}]}
+    msg.update({k: v for k, v in extra.items() if v is not None})
+    return msg
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    id: str
+    context_id: str
+    owner: str
+    state: TaskState
+    version: int = 0
+    status_message: JSON | None = None
+    status_ts: float = field(default_factory=now)
+    created_at: float = field(default_factory=now)
+    artifacts: list[JSON] = field(default_factory=list)
+    history: list[JSON] = field(default_factory=list)
+    metadata: JSON | None = None
+    last_seq: int = 0
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class TaskEvent:
+    """One entry of a task's event log; ``seq`` is gap-free from 1 per task."""
+
+    task_id: str
+    seq: int
+    kind: str  # "status" | "artifact"
+    payload: JSON
+    final: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class TaskPage:
+    tasks: list[TaskRecord]
+    next_page_token: str
+    total_size: int
+
+
+@dataclass(slots=True, frozen=True)
+class Feedback:
+    task_id: str
+    owner: str
+    rating: int
+    text: str
+    metadata: JSON | None = None

@@ -1,0 +1,80 @@
+"""Pieces every backend shares: event payloads, cursors, validation of writes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import orjson
+
+from tether.core.errors import InvalidInput
+from tether.core.states import TaskState
+from tether.core.types import JSON, iso, text_message
+from tether.store.base import MAX_PAGE_SIZE
+
+
+def status_payload(
+    task_id: str, context_id: str, state: TaskState, message: JSON | None, ts: float
+) -> JSON:
+    status: JSON = {"state": state.wire, "timestamp": iso(ts)}
+    if message is not None:
+        status["message"] = message
+    return {"taskId": task_id, "contextId": context_id, "status": status}
+
+
+def artifact_payload(
+    task_id: str, context_id: str, artifact: JSON, append: bool, last_chunk: bool
+) -> JSON:
+    payload: JSON = {"taskId": task_id, "contextId": context_id, "artifact": artifact}
+    if append:
+        payload["append"] = True
+    if last_chunk:
+        payload["lastChunk"] = True
+    return payload
+
+
+def stamp(message: JSON, task_id: str, context_id: str) -> JSON:
+    """The stored copy of a message names its task and context."""
+    return {**message, "taskId": task_id, "contextId": context_id}
+
+
+def merge_artifact(existing: JSON | None, chunk: JSON, append: bool) -> JSON:
+    if existing is None or not append:
+        return chunk
+    merged = {**existing, **{k: v for k, v in chunk.items() if k != "parts"}}
+    merged["parts"] = [*existing.get("parts", []), *chunk.get("parts", [])]
+    return merged
+
+
+def page_size(requested: int) -> int:
+    if requested < 1 or requested > MAX_PAGE_SIZE:
+        raise InvalidInput(f"pageSize must be between 1 and {MAX_PAGE_SIZE}")
+    return requested
+
+
+def encode_cursor(status_ts: float, task_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([status_ts, task_id])).decode()
+
+
+def decode_cursor(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        ts, task_id = orjson.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(ts), str(task_id)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
+        raise InvalidInput("pageToken is not a token this server issued") from exc
+
+
+def trim_history(history: list[JSON], length: int | None) -> list[JSON]:
+    if length is None:
+        return history
+    if length <= 0:
+        return []
+    return history[-length:]
+
+
+def gave_up_message(max_attempts: int) -> JSON:
+    return text_message(
+        "ROLE_AGENT", f"Gave up after {max_attempts} attempts: the handler never finished"
+    )

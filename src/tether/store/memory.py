@@ -1,0 +1,271 @@
+"""An in-memory ``TaskStore`` that keeps every constraint of the SQL backends.
+
+Each method runs without an ``await`` between its check and its write, which
+makes it atomic on the event loop, just as the SQL backends' single statements
+are atomic in the database.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+from tether.core.errors import (
+    ContextMismatch,
+    InvalidTransition,
+    LeaseLost,
+    TaskNotCancelable,
+    TaskNotFound,
+    TaskTerminal,
+    UnsupportedOperation,
+)
+from tether.core.states import ACTIVE, CANCELABLE, TaskState, allowed_from
+from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
+from tether.store.base import Claim, ListQuery, Submitted
+from tether.store.common import (
+    artifact_payload,
+    decode_cursor,
+    encode_cursor,
+    merge_artifact,
+    page_size,
+    stamp,
+    gave_up_message,
+    status_payload,
+    trim_history,
+)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskRecord] = {}
+        self._contexts: dict[str, str] = {}  # context id -> owner
+        self._message_ids: dict[tuple[str, str], str] = {}  # (owner, messageId) -> task id
+        self._events: dict[str, list[TaskEvent]] = {}
+        self.feedback: list[Feedback] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _task(self, task_id: str, owner: str | None = None) -> TaskRecord:
+        task = self._tasks.get(task_id)
+        if task is None or (owner is not None and task.owner != owner):
+            raise TaskNotFound(task_id)
+        return task
+
+    def _event(self, task: TaskRecord, kind: str, payload: JSON, final: bool = False) -> TaskEvent:
+        task.last_seq += 1
+        event = TaskEvent(task.id, task.last_seq, kind, payload, final)
+        self._events[task.id].append(event)
+        return event
+
+    def _status_event(self, task: TaskRecord) -> TaskEvent:
+        payload = status_payload(
+            task.id, task.context_id, task.state, task.status_message, task.status_ts
+        )
+        return self._event(task, "status", payload, task.state.terminal or task.state.interrupted)
+
+    def _snapshot(self, task: TaskRecord, history_length: int | None = None) -> TaskRecord:
+        snap = replace(task, artifacts=copy.deepcopy(task.artifacts), history=list(task.history))
+        snap.history = trim_history(snap.history, history_length)
+        return snap
+
+    async def submit(
+        self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
+    ) -> Submitted:
+        seen = self._message_ids.get((owner, message["messageId"]))
+        if seen is not None:
+            return Submitted(self._snapshot(self._tasks[seen]), False, None)
+        if context_id is not None and self._contexts.get(context_id, owner) != owner:
+            raise ContextMismatch(f"contextId {context_id} belongs to another principal")
+        context_id = context_id or new_id()
+        self._contexts.setdefault(context_id, owner)
+        task = TaskRecord(
+            id=new_id(), context_id=context_id, owner=owner, state=TaskState.SUBMITTED,
+            metadata=metadata,
+        )
+        task.history.append(stamp(message, task.id, context_id))
+        self._tasks[task.id] = task
+        self._events[task.id] = []
+        self._message_ids[(owner, message["messageId"])] = task.id
+        event = self._status_event(task)
+        return Submitted(self._snapshot(task), True, event)
+
+    async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
+        seen = self._message_ids.get((owner, message["messageId"]))
+        if seen is not None:
+            return Submitted(self._snapshot(self._tasks[seen]), False, None)
+        task = self._task(task_id, owner)
+        if task.state.terminal:
+            raise TaskTerminal(task_id, task.state)
+        if task.state in ACTIVE:
+            raise UnsupportedOperation(
+                f"Task {task_id} is {task.state.value}; send the next message once it asks for input"
+            )
+        task.state = TaskState.SUBMITTED
+        task.version += 1
+        task.status_message = None
+        task.status_ts = now()
+        task.history.append(stamp(message, task.id, task.context_id))
+        self._message_ids[(owner, message["messageId"])] = task.id
+        event = self._status_event(task)
+        return Submitted(self._snapshot(task), True, event)
+
+    async def get_task(
+        self, owner: str | None, task_id: str, history_length: int | None = None
+    ) -> TaskRecord:
+        return self._snapshot(self._task(task_id, owner), history_length)
+
+    async def list_tasks(self, query: ListQuery) -> TaskPage:
+        size = page_size(query.page_size)
+        cursor = decode_cursor(query.page_token)
+        matches = [
+            t
+            for t in self._tasks.values()
+            if t.owner == query.owner
+            and (query.context_id is None or t.context_id == query.context_id)
+            and (query.state is None or t.state == query.state)
+            and (query.status_after is None or t.status_ts > query.status_after)
+        ]
+        matches.sort(key=lambda t: (t.status_ts, t.id), reverse=True)
+        total = len(matches)
+        if cursor is not None:
+            matches = [t for t in matches if (t.status_ts, t.id) < cursor]
+        page = matches[:size]
+        token = encode_cursor(page[-1].status_ts, page[-1].id) if len(matches) > size else ""
+        snaps = [self._snapshot(t, query.history_length) for t in page]
+        if not query.include_artifacts:
+            for snap in snaps:
+                snap.artifacts = []
+        return TaskPage(snaps, token, total)
+
+    async def context_history(self, owner: str, context_id: str) -> list[JSON]:
+        tasks = sorted(
+            (t for t in self._tasks.values() if t.context_id == context_id and t.owner == owner),
+            key=lambda t: t.created_at,
+        )
+        return [m for t in tasks for m in t.history]
+
+    def _guard(self, task: TaskRecord, to: TaskState, lease_owner: str | None) -> None:
+        if task.state not in allowed_from(to):
+            raise InvalidTransition(task.id, task.state, to)
+        if lease_owner is not None and task.lease_owner != lease_owner:
+            raise LeaseLost(f"Task {task.id}: lease held by another worker")
+
+    async def transition(
+        self,
+        task_id: str,
+        to: TaskState,
+        *,
+        message: JSON | None = None,
+        lease_owner: str | None = None,
+    ) -> TaskEvent:
+        task = self._task(task_id)
+        self._guard(task, to, lease_owner)
+        return self._apply(task, to, message)
+
+    def _apply(self, task: TaskRecord, to: TaskState, message: JSON | None) -> TaskEvent:
+        task.state = to
+        task.version += 1
+        task.status_ts = now()
+        task.status_message = message
+        if message is not None:
+            task.history.append(task.status_message)
+        if to.terminal or to.interrupted:
+            task.lease_owner = task.lease_expires = None
+        return self._status_event(task)
+
+    async def cancel(self, owner: str, task_id: str) -> TaskEvent:
+        task = self._task(task_id, owner)
+        if task.state not in CANCELABLE:
+            raise TaskNotCancelable(task_id, task.state, TaskState.CANCELED)
+        return self._apply(task, TaskState.CANCELED, None)
+
+    def _working(self, task_id: str, lease_owner: str) -> TaskRecord:
+        task = self._task(task_id)
+        if task.state is not TaskState.WORKING:
+            raise InvalidTransition(task_id, task.state, TaskState.WORKING)
+        if task.lease_owner != lease_owner:
+            raise LeaseLost(f"Task {task_id}: lease held by another worker")
+        return task
+
+    async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
+        task = self._working(task_id, lease_owner)
+        task.status_message = message
+        task.status_ts = now()
+        return self._status_event(task)
+
+    async def add_artifact(
+        self,
+        task_id: str,
+        artifact: JSON,
+        *,
+        lease_owner: str,
+        append: bool = False,
+        last_chunk: bool = False,
+    ) -> TaskEvent:
+        task = self._working(task_id, lease_owner)
+        for i, existing in enumerate(task.artifacts):
+            if existing["artifactId"] == artifact["artifactId"]:
+                task.artifacts[i] = merge_artifact(existing, artifact, append)
+                break
+        else:
+            task.artifacts.append(artifact)
+        payload = artifact_payload(task.id, task.context_id, artifact, append, last_chunk)
+        return self._event(task, "artifact", payload)
+
+    async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
+        return [e for e in self._events.get(task_id, []) if e.seq > after_seq]
+
+    async def claim(
+        self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
+    ) -> Claim | None:
+        task = self._tasks.get(task_id)
+        t = now()
+        if task is None or task.state not in ACTIVE:
+            return None
+        if task.lease_owner is not None and (task.lease_expires or 0) > t:
+            return None
+        task.attempts += 1
+        if task.attempts > max_attempts:
+            msg = stamp(gave_up_message(max_attempts), task.id, task.context_id)
+            return Claim(None, [self._apply(task, TaskState.FAILED, msg)])
+        task.lease_owner, task.lease_expires = worker, t + lease_seconds
+        events = []
+        if task.state is TaskState.SUBMITTED:
+            events.append(self._apply(task, TaskState.WORKING, None))
+        return Claim(self._snapshot(task), events)
+
+    async def renew(self, worker: str, task_ids: list[str], *, lease_seconds: float) -> set[str]:
+        held = set()
+        expires = now() + lease_seconds
+        for task_id in task_ids:
+            task = self._tasks.get(task_id)
+            if task is not None and task.lease_owner == worker:
+                task.lease_expires = expires
+                held.add(task_id)
+        return held
+
+    async def release_leases(self, worker: str | None = None) -> int:
+        count = 0
+        for task in self._tasks.values():
+            if task.lease_owner is not None and worker in (None, task.lease_owner):
+                task.lease_owner = task.lease_expires = None
+                count += 1
+        return count
+
+    async def runnable(self, limit: int = 1000) -> list[str]:
+        t = now()
+        ready = [
+            task
+            for task in self._tasks.values()
+            if task.state in ACTIVE and (task.lease_owner is None or (task.lease_expires or 0) <= t)
+        ]
+        ready.sort(key=lambda task: task.created_at)
+        return [task.id for task in ready[:limit]]
+
+    async def add_feedback(self, feedback: Feedback) -> None:
+        self._task(feedback.task_id, feedback.owner)
+        self.feedback.append(feedback)

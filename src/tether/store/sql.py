@@ -1,0 +1,661 @@
+"""The SQL ``TaskStore``: SQLite (embedded default) and PostgreSQL, one code path.
+
+Each state change is one ``UPDATE tasks ... WHERE id = :id AND state IN (...)
+[AND lease_owner = :me] RETURNING last_seq``; the bumped ``last_seq`` is the
+event's sequence number, so the row lock that serialises writers also makes
+the per-task sequence gap-free. The event row (and any message) is written in
+the same transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from tether.core.errors import (
+    ContextMismatch,
+    InvalidTransition,
+    LeaseLost,
+    StoreUnavailable,
+    TaskNotCancelable,
+    TaskNotFound,
+    TaskTerminal,
+    TetherError,
+    UnsupportedOperation,
+)
+from tether.core.states import ACTIVE, CANCELABLE, TaskState, allowed_from
+from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
+from tether.store.base import Claim, ListQuery, Submitted
+from tether.store.common import (
+    artifact_payload,
+    decode_cursor,
+    encode_cursor,
+    gave_up_message,
+    merge_artifact,
+    page_size,
+    stamp,
+    status_payload,
+    trim_history,
+)
+from tether.store.schema import artifacts, contexts, events, feedback, messages, tasks
+
+log = logging.getLogger("tether.store")
+T = TypeVar("T")
+Op = Callable[[AsyncConnection], Awaitable[T]]
+
+_ACTIVE = [s.value for s in ACTIVE]
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _transient(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    # 40001 serialization failure, 40P01 deadlock, 08xxx connection, 57P0x shutdown.
+    if isinstance(code, str) and (code in ("40001", "40P01") or code[:2] in ("08", "57")):
+        return True
+    text = str(exc.orig).lower()
+    return any(
+        s in text
+        for s in ("connection", "closed", "terminat", "database is locked", "shutting down")
+    )
+
+
+class SqlStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        pool_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+        retries: int = 4,
+        run_migrations: bool = True,
+    ) -> None:
+        self.url = url
+        self.dialect = make_url(url).get_backend_name()
+        self._retries = retries
+        self._run_migrations = run_migrations
+        self._lock_file: int | None = None
+        kwargs: dict[str, Any] = {"json_serializer": _dumps, "json_deserializer": orjson.loads}
+        if self.dialect == "sqlite":
+            # One writer at a time in-process; WAL lets readers go on meanwhile.
+            self._write_lock: asyncio.Lock | None = asyncio.Lock()
+            kwargs["connect_args"] = {"timeout": command_timeout}
+        else:
+            self._write_lock = None
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=pool_timeout,
+                pool_pre_ping=True,
+                connect_args={"command_timeout": command_timeout},
+            )
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            sa_event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.dialect == "sqlite":
+            self._lock_database()
+        if self._run_migrations:
+            from tether.store.migrate import upgrade
+
+            await self._retrying(lambda: upgrade(self.engine))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+    def _lock_database(self) -> None:
+        """One server process per SQLite file, so a restart may take over every lease."""
+        path = make_url(self.url).database
+        if not path or path == ":memory:":
+            return
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"{path} is in use by another Tether process; a SQLite store serves one "
+                "process (use PostgreSQL to run several)"
+            ) from None
+        self._lock_file = fd
+
+    @property
+    def exclusive(self) -> bool:
+        """True when this process alone uses the store, so stale leases are all ours."""
+        return self._lock_file is not None
+
+    # -- transactions ------------------------------------------------------
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.05
+        for attempt in range(self._retries + 1):
+            try:
+                return await op()
+            except TetherError:
+                raise
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError) or not _transient(exc):
+                    raise
+                if attempt == self._retries:
+                    raise StoreUnavailable(f"database unavailable: {exc.orig}") from exc
+                log.warning("database error, retrying in %.2fs: %s", delay, exc.orig)
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                if attempt == self._retries:
+                    raise StoreUnavailable(f"database unavailable: {exc}") from exc
+                log.warning("database connection error, retrying in %.2fs: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    async def _write(self, op: Op[T]) -> T:
+        async def once() -> T:
+            if self._write_lock is None:
+                async with self.engine.begin() as conn:
+                    return await op(conn)
+            async with self._write_lock, self.engine.begin() as conn:
+                return await op(conn)
+
+        return await self._retrying(once)
+
+    async def _read(self, op: Op[T]) -> T:
+        async def once() -> T:
+            async with self.engine.connect() as conn:
+                return await op(conn)
+
+        return await self._retrying(once)
+
+    # -- building blocks ----------------------------------------------------
+
+    async def _bump(
+        self,
+        conn: AsyncConnection,
+        task_id: str,
+        wanted: TaskState,
+        states: Sequence[str],
+        values: dict[str, Any],
+        *,
+        owner: str | None = None,
+        lease_owner: str | None = None,
+    ) -> tuple[int, str, str]:
+        """The compare-and-set: bump ``last_seq`` where the guard holds, or say why not."""
+        cond = [tasks.c.id == task_id, tasks.c.state.in_(states)]
+        if owner is not None:
+            cond.append(tasks.c.owner == owner)
+        if lease_owner is not None:
+            cond.append(tasks.c.lease_owner == lease_owner)
+        stmt = (
+            sa.update(tasks)
+            .where(*cond)
+            .values(last_seq=tasks.c.last_seq + 1, **values)
+            .returning(tasks.c.last_seq, tasks.c.context_id, tasks.c.owner)
+        )
+        row = (await conn.execute(stmt)).first()
+        if row is not None:
+            return int(row[0]), str(row[1]), str(row[2])
+        q = sa.select(tasks.c.state, tasks.c.lease_owner).where(tasks.c.id == task_id)
+        if owner is not None:
+            q = q.where(tasks.c.owner == owner)
+        found = (await conn.execute(q)).first()
+        if found is None:
+            raise TaskNotFound(task_id)
+        current = TaskState(found.state)
+        if current.value in states and lease_owner is not None:
+            raise LeaseLost(f"Task {task_id}: lease held by another worker")
+        raise InvalidTransition(task_id, current, wanted)
+
+    async def _event(
+        self, conn: AsyncConnection, task_id: str, seq: int, kind: str, payload: JSON, final: bool
+    ) -> TaskEvent:
+        await conn.execute(
+            sa.insert(events).values(
+                task_id=task_id, seq=seq, kind=kind, final=final, payload=payload, created_at=now()
+            )
+        )
+        return TaskEvent(task_id, seq, kind, payload, final)
+
+    async def _message(self, conn: AsyncConnection, owner: str, message: JSON) -> None:
+        await conn.execute(
+            sa.insert(messages).values(
+                owner=owner,
+                message_id=message["messageId"],
+                task_id=message["taskId"],
+                context_id=message["contextId"],
+                role=message.get("role", "ROLE_USER"),
+                body=message,
+                created_at=now(),
+            )
+        )
+
+    async def _set_state(
+        self,
+        conn: AsyncConnection,
+        task_id: str,
+        to: TaskState,
+        message: JSON | None,
+        *,
+        owner: str | None = None,
+        lease_owner: str | None = None,
+    ) -> TaskEvent:
+        """``message`` must already name its task and context (``common.stamp``)."""
+        ts = now()
+        values: dict[str, Any] = {
+            "state": to.value,
+            "version": tasks.c.version + 1,
+            "status_ts": ts,
+            "status_message": message,
+        }
+        if to.terminal or to.interrupted:
+            values.update(lease_owner=None, lease_expires=None)
+        allowed = [s.value for s in allowed_from(to)]
+        seq, context_id, task_owner = await self._bump(
+            conn, task_id, to, allowed, values, owner=owner, lease_owner=lease_owner
+        )
+        if message is not None:
+            await self._message(conn, task_owner, message)
+        payload = status_payload(task_id, context_id, to, message, ts)
+        return await self._event(
+            conn, task_id, seq, "status", payload, to.terminal or to.interrupted
+        )
+
+    async def _load(
+        self,
+        conn: AsyncConnection,
+        task_id: str,
+        owner: str | None,
+        history_length: int | None = None,
+    ) -> TaskRecord:
+        q = sa.select(tasks).where(tasks.c.id == task_id)
+        if owner is not None:
+            q = q.where(tasks.c.owner == owner)
+        row = (await conn.execute(q)).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        task = _record(row)
+        task.artifacts = [
+            r[0]
+            for r in await conn.execute(
+                sa.select(artifacts.c.body)
+                .where(artifacts.c.task_id == task_id)
+                .order_by(artifacts.c.position)
+            )
+        ]
+        if history_length is None or history_length > 0:
+            hq = (
+                sa.select(messages.c.body)
+                .where(messages.c.task_id == task_id)
+                .order_by(messages.c.seq.desc())
+            )
+            if history_length is not None:
+                hq = hq.limit(history_length)
+            task.history = [r[0] for r in await conn.execute(hq)][::-1]
+        return task
+
+    async def _seen(self, conn: AsyncConnection, owner: str, message_id: str) -> str | None:
+        q = sa.select(messages.c.task_id).where(
+            messages.c.owner == owner, messages.c.message_id == message_id
+        )
+        return (await conn.execute(q)).scalar_one_or_none()
+
+    # -- TaskStore ----------------------------------------------------------
+
+    async def submit(
+        self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
+    ) -> Submitted:
+        async def op(conn: AsyncConnection) -> Submitted:
+            seen = await self._seen(conn, owner, message["messageId"])
+            if seen is not None:
+                return Submitted(await self._load(conn, seen, owner), False, None)
+            ctx = context_id
+            ts = now()
+            if ctx is not None:
+                ctx_owner = (
+                    await conn.execute(sa.select(contexts.c.owner).where(contexts.c.id == ctx))
+                ).scalar_one_or_none()
+                if ctx_owner is not None and ctx_owner != owner:
+                    raise ContextMismatch(f"contextId {ctx} belongs to another principal")
+                if ctx_owner is None:
+                    await conn.execute(sa.insert(contexts).values(id=ctx, owner=owner, created_at=ts))
+            else:
+                ctx = new_id()
+                await conn.execute(sa.insert(contexts).values(id=ctx, owner=owner, created_at=ts))
+            task = TaskRecord(
+                id=new_id(), context_id=ctx, owner=owner, state=TaskState.SUBMITTED,
+                status_ts=ts, created_at=ts, metadata=metadata, last_seq=1,
+            )
+            await conn.execute(
+                sa.insert(tasks).values(
+                    id=task.id, context_id=ctx, owner=owner, state=task.state.value, version=0,
+                    status_ts=ts, created_at=ts, metadata=metadata, last_seq=1, attempts=0,
+                )
+            )
+            stored = stamp(message, task.id, ctx)
+            await self._message(conn, owner, stored)
+            task.history = [stored]
+            payload = status_payload(task.id, ctx, task.state, None, ts)
+            event = await self._event(conn, task.id, 1, "status", payload, False)
+            return Submitted(task, True, event)
+
+        try:
+            return await self._write(op)
+        except IntegrityError:
+            # A concurrent submit of the same messageId won the unique constraint.
+            async def existing(conn: AsyncConnection) -> Submitted:
+                seen = await self._seen(conn, owner, message["messageId"])
+                if seen is None:
+                    raise
+                return Submitted(await self._load(conn, seen, owner), False, None)
+
+            return await self._read(existing)
+
+    async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
+        async def op(conn: AsyncConnection) -> Submitted:
+            seen = await self._seen(conn, owner, message["messageId"])
+            if seen is not None:
+                return Submitted(await self._load(conn, seen, owner), False, None)
+            q = sa.select(tasks.c.state, tasks.c.context_id).where(
+                tasks.c.id == task_id, tasks.c.owner == owner
+            )
+            row = (await conn.execute(q)).first()
+            if row is None:
+                raise TaskNotFound(task_id)
+            state = TaskState(row.state)
+            if state.terminal:
+                raise TaskTerminal(task_id, state)
+            if state in ACTIVE:
+                raise UnsupportedOperation(
+                    f"Task {task_id} is {state.value}; "
+                    "send the next message once it asks for input"
+                )
+            event = await self._set_state(conn, task_id, TaskState.SUBMITTED, None, owner=owner)
+            await self._message(conn, owner, stamp(message, task_id, row.context_id))
+            return Submitted(await self._load(conn, task_id, owner), True, event)
+
+        return await self._write(op)
+
+    async def get_task(
+        self, owner: str | None, task_id: str, history_length: int | None = None
+    ) -> TaskRecord:
+        return await self._read(lambda conn: self._load(conn, task_id, owner, history_length))
+
+    async def list_tasks(self, query: ListQuery) -> TaskPage:
+        size = page_size(query.page_size)
+        cursor = decode_cursor(query.page_token)
+        cond = [tasks.c.owner == query.owner]
+        if query.context_id is not None:
+            cond.append(tasks.c.context_id == query.context_id)
+        if query.state is not None:
+            cond.append(tasks.c.state == query.state.value)
+        if query.status_after is not None:
+            cond.append(tasks.c.status_ts > query.status_after)
+
+        async def op(conn: AsyncConnection) -> TaskPage:
+            total = (
+                await conn.execute(sa.select(sa.func.count()).select_from(tasks).where(*cond))
+            ).scalar_one()
+            q = sa.select(tasks).where(*cond)
+            if cursor is not None:
+                q = q.where(sa.tuple_(tasks.c.status_ts, tasks.c.id) < sa.tuple_(*cursor))
+            q = q.order_by(tasks.c.status_ts.desc(), tasks.c.id.desc()).limit(size + 1)
+            rows = (await conn.execute(q)).all()
+            page = [_record(r) for r in rows[:size]]
+            ids = [t.id for t in page]
+            by_id = {t.id: t for t in page}
+            if ids and query.include_artifacts:
+                aq = (
+                    sa.select(artifacts.c.task_id, artifacts.c.body)
+                    .where(artifacts.c.task_id.in_(ids))
+                    .order_by(artifacts.c.task_id, artifacts.c.position)
+                )
+                for task_id, body in await conn.execute(aq):
+                    by_id[task_id].artifacts.append(body)
+            if ids and (query.history_length is None or query.history_length > 0):
+                mq = (
+                    sa.select(messages.c.task_id, messages.c.body)
+                    .where(messages.c.task_id.in_(ids))
+                    .order_by(messages.c.seq)
+                )
+                for task_id, body in await conn.execute(mq):
+                    by_id[task_id].history.append(body)
+                for t in page:
+                    t.history = trim_history(t.history, query.history_length)
+            token = encode_cursor(page[-1].status_ts, page[-1].id) if len(rows) > size else ""
+            return TaskPage(page, token, int(total))
+
+        return await self._read(op)
+
+    async def context_history(self, owner: str, context_id: str) -> list[JSON]:
+        async def op(conn: AsyncConnection) -> list[JSON]:
+            q = (
+                sa.select(messages.c.body)
+                .join(tasks, tasks.c.id == messages.c.task_id)
+                .where(messages.c.context_id == context_id, tasks.c.owner == owner)
+                .order_by(messages.c.seq)
+            )
+            return [r[0] for r in await conn.execute(q)]
+
+        return await self._read(op)
+
+    async def transition(
+        self,
+        task_id: str,
+        to: TaskState,
+        *,
+        message: JSON | None = None,
+        lease_owner: str | None = None,
+    ) -> TaskEvent:
+        return await self._write(
+            lambda conn: self._set_state(conn, task_id, to, message, lease_owner=lease_owner)
+        )
+
+    async def cancel(self, owner: str, task_id: str) -> TaskEvent:
+        async def op(conn: AsyncConnection) -> TaskEvent:
+            try:
+                return await self._set_state(conn, task_id, TaskState.CANCELED, None, owner=owner)
+            except InvalidTransition as exc:
+                raise TaskNotCancelable(task_id, exc.current, TaskState.CANCELED) from None
+
+        return await self._write(op)
+
+    async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
+        async def op(conn: AsyncConnection) -> TaskEvent:
+            ts = now()
+            seq, context_id, _ = await self._bump(
+                conn, task_id, TaskState.WORKING, [TaskState.WORKING.value],
+                {"status_ts": ts, "status_message": message}, lease_owner=lease_owner,
+            )
+            payload = status_payload(task_id, context_id, TaskState.WORKING, message, ts)
+            return await self._event(conn, task_id, seq, "status", payload, False)
+
+        return await self._write(op)
+
+    async def add_artifact(
+        self,
+        task_id: str,
+        artifact: JSON,
+        *,
+        lease_owner: str,
+        append: bool = False,
+        last_chunk: bool = False,
+    ) -> TaskEvent:
+        async def op(conn: AsyncConnection) -> TaskEvent:
+            seq, context_id, _ = await self._bump(
+                conn, task_id, TaskState.WORKING, [TaskState.WORKING.value], {},
+                lease_owner=lease_owner,
+            )
+            key = (artifacts.c.task_id == task_id, artifacts.c.artifact_id == artifact["artifactId"])
+            existing = (await conn.execute(sa.select(artifacts.c.body).where(*key))).first()
+            if existing is None:
+                position = (
+                    await conn.execute(
+                        sa.select(sa.func.count()).select_from(artifacts)
+                        .where(artifacts.c.task_id == task_id)
+                    )
+                ).scalar_one()
+                await conn.execute(
+                    sa.insert(artifacts).values(
+                        task_id=task_id, artifact_id=artifact["artifactId"],
+                        position=position, body=artifact,
+                    )
+                )
+            else:
+                merged = merge_artifact(existing[0], artifact, append)
+                await conn.execute(sa.update(artifacts).where(*key).values(body=merged))
+            payload = artifact_payload(task_id, context_id, artifact, append, last_chunk)
+            return await self._event(conn, task_id, seq, "artifact", payload, False)
+
+        return await self._write(op)
+
+    async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
+        async def op(conn: AsyncConnection) -> list[TaskEvent]:
+            q = (
+                sa.select(events.c.seq, events.c.kind, events.c.payload, events.c.final)
+                .where(events.c.task_id == task_id, events.c.seq > after_seq)
+                .order_by(events.c.seq)
+            )
+            return [TaskEvent(task_id, r.seq, r.kind, r.payload, r.final) for r in await conn.execute(q)]
+
+        return await self._read(op)
+
+    async def claim(
+        self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
+    ) -> Claim | None:
+        async def op(conn: AsyncConnection) -> Claim | None:
+            t = now()
+            stmt = (
+                sa.update(tasks)
+                .where(
+                    tasks.c.id == task_id,
+                    tasks.c.state.in_(_ACTIVE),
+                    sa.or_(tasks.c.lease_owner.is_(None), tasks.c.lease_expires <= t),
+                )
+                .values(
+                    lease_owner=worker,
+                    lease_expires=t + lease_seconds,
+                    attempts=tasks.c.attempts + 1,
+                )
+                .returning(tasks.c.state, tasks.c.attempts, tasks.c.context_id)
+            )
+            row = (await conn.execute(stmt)).first()
+            if row is None:
+                return None
+            if row.attempts > max_attempts:
+                gave_up = stamp(gave_up_message(max_attempts), task_id, row.context_id)
+                failed = await self._set_state(
+                    conn, task_id, TaskState.FAILED, gave_up, lease_owner=worker
+                )
+                return Claim(None, [failed])
+            written = []
+            if row.state == TaskState.SUBMITTED.value:
+                written.append(
+                    await self._set_state(conn, task_id, TaskState.WORKING, None, lease_owner=worker)
+                )
+            return Claim(await self._load(conn, task_id, None), written)
+
+        return await self._write(op)
+
+    async def renew(self, worker: str, task_ids: list[str], *, lease_seconds: float) -> set[str]:
+        if not task_ids:
+            return set()
+
+        async def op(conn: AsyncConnection) -> set[str]:
+            stmt = (
+                sa.update(tasks)
+                .where(tasks.c.id.in_(task_ids), tasks.c.lease_owner == worker)
+                .values(lease_expires=now() + lease_seconds)
+                .returning(tasks.c.id)
+            )
+            return {r[0] for r in await conn.execute(stmt)}
+
+        return await self._write(op)
+
+    async def release_leases(self, worker: str | None = None) -> int:
+        async def op(conn: AsyncConnection) -> int:
+            cond = [tasks.c.lease_owner.is_not(None)]
+            if worker is not None:
+                cond.append(tasks.c.lease_owner == worker)
+            stmt = sa.update(tasks).where(*cond).values(lease_owner=None, lease_expires=None)
+            return (await conn.execute(stmt)).rowcount
+
+        return await self._write(op)
+
+    async def runnable(self, limit: int = 1000) -> list[str]:
+        async def op(conn: AsyncConnection) -> list[str]:
+            q = (
+                sa.select(tasks.c.id)
+                .where(
+                    tasks.c.state.in_(_ACTIVE),
+                    sa.or_(tasks.c.lease_owner.is_(None), tasks.c.lease_expires <= now()),
+                )
+                .order_by(tasks.c.created_at)
+                .limit(limit)
+            )
+            return [r[0] for r in await conn.execute(q)]
+
+        return await self._read(op)
+
+    async def add_feedback(self, fb: Feedback) -> None:
+        async def op(conn: AsyncConnection) -> None:
+            q = sa.select(tasks.c.id).where(tasks.c.id == fb.task_id, tasks.c.owner == fb.owner)
+            if (await conn.execute(q)).first() is None:
+                raise TaskNotFound(fb.task_id)
+            await conn.execute(
+                sa.insert(feedback).values(
+                    task_id=fb.task_id, owner=fb.owner, rating=fb.rating, text=fb.text,
+                    metadata=fb.metadata, created_at=now(),
+                )
+            )
+
+        await self._write(op)
+
+
+def _record(row: sa.Row[Any]) -> TaskRecord:
+    m = row._mapping
+    return TaskRecord(
+        id=m["id"],
+        context_id=m["context_id"],
+        owner=m["owner"],
+        state=TaskState(m["state"]),
+        version=m["version"],
+        status_message=m["status_message"],
+        status_ts=m["status_ts"],
+        created_at=m["created_at"],
+        metadata=m["metadata"],
+        last_seq=m["last_seq"],
+        attempts=m["attempts"],
+        lease_owner=m["lease_owner"],
+        lease_expires=m["lease_expires"],
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL + NORMAL: durable at checkpoints, no fsync per commit; a crash of the
+    # process loses nothing, a power cut may lose the last commits.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()

@@ -55,9 +55,7 @@ class TaskNotCancelable(InvalidTransition):
 
 class TaskTerminal(TetherError):
     def __init__(self, task_id: str, current: TaskState) -> None:
-        super().__init__(
-            f"Task {task_id} is {current.value} and accepts no further messages"
-        )
+        super().__init__(f"Task {task_id} is {current.value} and accepts no further messages")
         self.task_id = task_id
         self.current = current
 

@@ -78,3 +78,40 @@ def gave_up_message(max_attempts: int) -> JSON:
     return text_message(
         "ROLE_AGENT", f"Gave up after {max_attempts} attempts: the handler never finished"
     )
+
+
+# Column widths of ``schema``: checked up front so every backend refuses the same
+# input the same way, instead of PostgreSQL alone failing on a too-long value.
+MAX_ID = 64
+MAX_NAME = 255
+MAX_ROLE = 16
+
+
+def check_message(message: JSON) -> None:
+    message_id = message.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        raise InvalidInput("message.messageId is required")
+    if len(message_id) > MAX_NAME:
+        raise InvalidInput(f"message.messageId is longer than {MAX_NAME} characters")
+    role = message.get("role", "ROLE_USER")
+    if not isinstance(role, str) or len(role) > MAX_ROLE:
+        raise InvalidInput("message.role is not a valid role")
+
+
+def check_submit(owner: str, message: JSON, context_id: str | None) -> None:
+    if len(owner) > MAX_NAME:
+        raise InvalidInput(f"owner is longer than {MAX_NAME} characters")
+    if context_id is not None and (not context_id or len(context_id) > MAX_ID):
+        raise InvalidInput(f"contextId must be 1 to {MAX_ID} characters")
+    check_message(message)
+
+
+def check_artifact(artifact: JSON) -> None:
+    artifact_id = artifact.get("artifactId")
+    if not isinstance(artifact_id, str) or not artifact_id or len(artifact_id) > MAX_NAME:
+        raise InvalidInput(f"artifact.artifactId must be 1 to {MAX_NAME} characters")
+
+
+def check_rating(rating: int) -> None:
+    if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
+        raise InvalidInput("rating must be an integer from 1 to 5")

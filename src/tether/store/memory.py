@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from tether.core.errors import (
     ContextMismatch,
+    InvalidInput,
     InvalidTransition,
     LeaseLost,
     TaskNotCancelable,
@@ -24,12 +25,16 @@ from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, n
 from tether.store.base import Claim, ListQuery, Submitted
 from tether.store.common import (
     artifact_payload,
+    check_artifact,
+    check_message,
+    check_rating,
+    check_submit,
     decode_cursor,
     encode_cursor,
+    gave_up_message,
     merge_artifact,
     page_size,
     stamp,
-    gave_up_message,
     status_payload,
     trim_history,
 )
@@ -41,6 +46,8 @@ class MemoryStore:
         self._contexts: dict[str, str] = {}  # context id -> owner
         self._message_ids: dict[tuple[str, str], str] = {}  # (owner, messageId) -> task id
         self._events: dict[str, list[TaskEvent]] = {}
+        # Messages of a context in the order they were stored, as SQL's messages.seq orders them.
+        self._context_messages: dict[str, list[JSON]] = {}
         self.feedback: list[Feedback] = []
 
     async def start(self) -> None:
@@ -54,6 +61,17 @@ class MemoryStore:
         if task is None or (owner is not None and task.owner != owner):
             raise TaskNotFound(task_id)
         return task
+
+    def _check_new(self, owner: str, message: JSON) -> None:
+        """SQL keeps one row per (owner, messageId); a second one is refused there, so here too."""
+        check_message(message)
+        if (owner, message["messageId"]) in self._message_ids:
+            raise InvalidInput(f"messageId {message['messageId']} was already used")
+
+    def _remember(self, task: TaskRecord, message: JSON) -> None:
+        self._message_ids[(task.owner, message["messageId"])] = task.id
+        task.history.append(message)
+        self._context_messages.setdefault(task.context_id, []).append(message)
 
     def _event(self, task: TaskRecord, kind: str, payload: JSON, final: bool = False) -> TaskEvent:
         task.last_seq += 1
@@ -75,6 +93,7 @@ class MemoryStore:
     async def submit(
         self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
     ) -> Submitted:
+        check_submit(owner, message, context_id)
         seen = self._message_ids.get((owner, message["messageId"]))
         if seen is not None:
             return Submitted(self._snapshot(self._tasks[seen]), False, None)
@@ -83,17 +102,21 @@ class MemoryStore:
         context_id = context_id or new_id()
         self._contexts.setdefault(context_id, owner)
         task = TaskRecord(
-            id=new_id(), context_id=context_id, owner=owner, state=TaskState.SUBMITTED,
+            id=new_id(),
+            context_id=context_id,
+            owner=owner,
+            state=TaskState.SUBMITTED,
             metadata=metadata,
         )
-        task.history.append(stamp(message, task.id, context_id))
+        task.status_ts = task.created_at
+        self._remember(task, stamp(message, task.id, context_id))
         self._tasks[task.id] = task
         self._events[task.id] = []
-        self._message_ids[(owner, message["messageId"])] = task.id
         event = self._status_event(task)
         return Submitted(self._snapshot(task), True, event)
 
     async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
+        check_message(message)
         seen = self._message_ids.get((owner, message["messageId"]))
         if seen is not None:
             return Submitted(self._snapshot(self._tasks[seen]), False, None)
@@ -102,14 +125,16 @@ class MemoryStore:
             raise TaskTerminal(task_id, task.state)
         if task.state in ACTIVE:
             raise UnsupportedOperation(
-                f"Task {task_id} is {task.state.value}; send the next message once it asks for input"
+                f"Task {task_id} is {task.state.value}; "
+                "send the next message once it asks for input"
             )
         task.state = TaskState.SUBMITTED
         task.version += 1
         task.status_message = None
         task.status_ts = now()
-        task.history.append(stamp(message, task.id, task.context_id))
-        self._message_ids[(owner, message["messageId"])] = task.id
+        # A new turn: the attempt budget is per turn, not per conversation.
+        task.attempts = 0
+        self._remember(task, stamp(message, task.id, task.context_id))
         event = self._status_event(task)
         return Submitted(self._snapshot(task), True, event)
 
@@ -142,11 +167,9 @@ class MemoryStore:
         return TaskPage(snaps, token, total)
 
     async def context_history(self, owner: str, context_id: str) -> list[JSON]:
-        tasks = sorted(
-            (t for t in self._tasks.values() if t.context_id == context_id and t.owner == owner),
-            key=lambda t: t.created_at,
-        )
-        return [m for t in tasks for m in t.history]
+        if self._contexts.get(context_id) != owner:
+            return []
+        return list(self._context_messages.get(context_id, []))
 
     def _guard(self, task: TaskRecord, to: TaskState, lease_owner: str | None) -> None:
         if task.state not in allowed_from(to):
@@ -164,6 +187,8 @@ class MemoryStore:
     ) -> TaskEvent:
         task = self._task(task_id)
         self._guard(task, to, lease_owner)
+        if message is not None:
+            self._check_new(task.owner, message)
         return self._apply(task, to, message)
 
     def _apply(self, task: TaskRecord, to: TaskState, message: JSON | None) -> TaskEvent:
@@ -172,7 +197,7 @@ class MemoryStore:
         task.status_ts = now()
         task.status_message = message
         if message is not None:
-            task.history.append(task.status_message)
+            self._remember(task, message)
         if to.terminal or to.interrupted:
             task.lease_owner = task.lease_expires = None
         return self._status_event(task)
@@ -206,6 +231,7 @@ class MemoryStore:
         append: bool = False,
         last_chunk: bool = False,
     ) -> TaskEvent:
+        check_artifact(artifact)
         task = self._working(task_id, lease_owner)
         for i, existing in enumerate(task.artifacts):
             if existing["artifactId"] == artifact["artifactId"]:
@@ -267,5 +293,6 @@ class MemoryStore:
         return [task.id for task in ready[:limit]]
 
     async def add_feedback(self, feedback: Feedback) -> None:
+        check_rating(feedback.rating)
         self._task(feedback.task_id, feedback.owner)
         self.feedback.append(feedback)

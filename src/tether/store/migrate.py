@@ -9,10 +9,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+# Any fixed 64-bit key will do; this one spells "tether" in ASCII.
+_PG_MIGRATION_LOCK = 0x746574686572
 
 
 def config(connection: Connection | None = None) -> Config:
@@ -24,6 +28,12 @@ def config(connection: Connection | None = None) -> Config:
 
 async def _run(engine: AsyncEngine, fn: Any, *args: Any) -> Any:
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # API and worker processes start together and each migrates: one at a time,
+            # the later ones then find the schema at head. Released at commit.
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
+            )
         return await conn.run_sync(lambda sync_conn: fn(config(sync_conn), *args))
 
 
@@ -37,9 +47,7 @@ async def downgrade(engine: AsyncEngine, revision: str) -> None:
 
 async def current(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
-        return await conn.run_sync(
-            lambda c: MigrationContext.configure(c).get_current_revision()
-        )
+        return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
 
 
 def history() -> list[tuple[str, str | None, str]]:

@@ -6,6 +6,9 @@ one representation on both engines, and cheap to compare for leases.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -43,6 +46,12 @@ tasks = sa.Table(
     sa.Index("ix_tasks_owner_state_status", "owner", "state", "status_ts", "id"),
     sa.Index("ix_tasks_runnable", "state", "lease_expires"),
 )
+
+# JSONB containment and key lookups on task metadata; GIN exists on PostgreSQL only.
+sa.Index("ix_tasks_metadata", tasks.c.metadata, postgresql_using="gin").ddl_if(dialect="postgresql")
+
+# Schema objects created on PostgreSQL alone (by ``ddl_if`` here and by the migrations).
+POSTGRESQL_ONLY = frozenset({"ix_tasks_metadata"})
 
 messages = sa.Table(
     "messages",
@@ -93,3 +102,12 @@ feedback = sa.Table(
     sa.CheckConstraint("rating BETWEEN 1 AND 5", name="ck_feedback_rating"),
     sa.Index("ix_feedback_task", "task_id"),
 )
+
+
+def include_object(dialect: str) -> Callable[..., bool]:
+    """Alembic's ``include_object`` hook: compare only what this dialect is meant to have."""
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        return dialect == "postgresql" or name not in POSTGRESQL_ONLY
+
+    return include

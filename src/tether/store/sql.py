@@ -5,6 +5,14 @@ Each state change is one ``UPDATE tasks ... WHERE id = :id AND state IN (...)
 event's sequence number, so the row lock that serialises writers also makes
 the per-task sequence gap-free. The event row (and any message) is written in
 the same transaction.
+
+Database errors are translated here, once: transient ones (a dropped
+connection, 40001, 40P01, 57P0x, SQLite's "database is locked") are retried with
+bounded, jittered backoff and then surface as ``StoreUnavailable``; a value the
+database refuses becomes ``InvalidInput``. A connection lost while COMMIT was in
+flight leaves the outcome unknown, so only writes that are safe to repeat are
+retried then; the others raise ``StoreUnavailable`` at once rather than risk a
+duplicate event.
 """
 
 from __future__ import annotations
@@ -13,18 +21,22 @@ import asyncio
 import fcntl
 import logging
 import os
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from tether.core.errors import (
     ContextMismatch,
+    InvalidInput,
     InvalidTransition,
     LeaseLost,
     StoreUnavailable,
@@ -34,11 +46,15 @@ from tether.core.errors import (
     TetherError,
     UnsupportedOperation,
 )
-from tether.core.states import ACTIVE, CANCELABLE, TaskState, allowed_from
+from tether.core.states import ACTIVE, TaskState, allowed_from
 from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
 from tether.store.base import Claim, ListQuery, Submitted
 from tether.store.common import (
     artifact_payload,
+    check_artifact,
+    check_message,
+    check_rating,
+    check_submit,
     decode_cursor,
     encode_cursor,
     gave_up_message,
@@ -61,18 +77,40 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _transient(exc: DBAPIError) -> bool:
+def _transient(exc: sa_exc.DBAPIError) -> bool:
     if exc.connection_invalidated:
         return True
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    # 40001 serialization failure, 40P01 deadlock, 08xxx connection, 57P0x shutdown.
-    if isinstance(code, str) and (code in ("40001", "40P01") or code[:2] in ("08", "57")):
-        return True
+    # 40001 serialization failure, 40P01 deadlock, 08xxx connection, 57P0x shutdown
+    # (57014, a cancelled statement, is a timeout: retrying it only adds load).
+    if isinstance(code, str):
+        return code in ("40001", "40P01") or code[:2] == "08" or code[:4] == "57P0"
     text = str(exc.orig).lower()
     return any(
         s in text
         for s in ("connection", "closed", "terminat", "database is locked", "shutting down")
     )
+
+
+def _reason(exc: BaseException) -> str:
+    """One line about a driver error, without the SQL and parameters SQLAlchemy appends."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _unavailable(message: str, cause: BaseException, *, retryable: bool = True) -> StoreUnavailable:
+    err = StoreUnavailable(f"{message}: {_reason(cause)}")
+    err.retryable = retryable
+    return err
+
+
+class _CommitUnknown(Exception):
+    """The connection broke while COMMIT was in flight: the write may or may not be stored."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class SqlStore:
@@ -85,11 +123,13 @@ class SqlStore:
         pool_timeout: float = 10.0,
         command_timeout: float = 30.0,
         retries: int = 4,
+        retry_backoff: float = 0.05,
         run_migrations: bool = True,
     ) -> None:
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         self._retries = retries
+        self._backoff = retry_backoff
         self._run_migrations = run_migrations
         self._lock_file: int | None = None
         kwargs: dict[str, Any] = {"json_serializer": _dumps, "json_deserializer": orjson.loads}
@@ -104,7 +144,10 @@ class SqlStore:
                 max_overflow=max_overflow,
                 pool_timeout=pool_timeout,
                 pool_pre_ping=True,
-                connect_args={"command_timeout": command_timeout},
+                connect_args={
+                    "command_timeout": command_timeout,
+                    "server_settings": {"application_name": "tether"},
+                },
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
@@ -149,36 +192,90 @@ class SqlStore:
 
     # -- transactions ------------------------------------------------------
 
-    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.05
+    async def _retrying(self, op: Callable[[], Awaitable[T]], *, idempotent: bool = True) -> T:
+        """Run ``op`` until it succeeds, retrying transient failures a bounded number of times.
+
+        ``IntegrityError`` passes through untranslated: the caller decides what a
+        conflict means (see ``_write``).
+        """
+        delay = self._backoff
         for attempt in range(self._retries + 1):
+            cause: BaseException
             try:
                 return await op()
-            except TetherError:
+            except (TetherError, sa_exc.IntegrityError):
                 raise
-            except DBAPIError as exc:
-                if isinstance(exc, IntegrityError) or not _transient(exc):
-                    raise
-                if attempt == self._retries:
-                    raise StoreUnavailable(f"database unavailable: {exc.orig}") from exc
-                log.warning("database error, retrying in %.2fs: %s", delay, exc.orig)
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                if attempt == self._retries:
-                    raise StoreUnavailable(f"database unavailable: {exc}") from exc
-                log.warning("database connection error, retrying in %.2fs: %s", delay, exc)
-            await asyncio.sleep(delay)
+            except _CommitUnknown as exc:
+                if not idempotent:
+                    raise _unavailable(
+                        "database connection lost while committing; the write may or may not "
+                        "have been applied",
+                        exc.cause,
+                    ) from exc.cause
+                cause = exc.cause
+            except sa_exc.DataError as exc:
+                raise InvalidInput(f"the database refused a value: {_reason(exc)}") from exc
+            except sa_exc.DBAPIError as exc:
+                if not _transient(exc):
+                    raise _unavailable("database error", exc, retryable=False) from exc
+                cause = exc
+            except (TimeoutError, sa_exc.TimeoutError) as exc:
+                # A statement or pool wait already took its full timeout: more tries only add load.
+                raise _unavailable("database timed out", exc) from exc
+            except OSError as exc:
+                # asyncpg reports a refused or reset connect as a bare OSError.
+                cause = exc
+            except sa_exc.SQLAlchemyError as exc:
+                raise _unavailable("database error", exc, retryable=False) from exc
+            if attempt == self._retries:
+                raise _unavailable(
+                    f"database unavailable after {attempt + 1} attempts", cause
+                ) from cause
+            log.warning("database error, retrying in %.2fs: %s", delay, _reason(cause))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
 
-    async def _write(self, op: Op[T]) -> T:
+    async def _transaction(self, op: Op[T]) -> T:
+        async with self.engine.connect() as conn:
+            await conn.begin()
+            result = await op(conn)
+            if self.dialect == "sqlite":
+                # A failed SQLite COMMIT leaves the transaction open and is rolled back on
+                # close: never ambiguous, so an ordinary retry is safe.
+                await conn.commit()
+                return result
+            try:
+                await conn.commit()
+            except Exception as exc:
+                raise _CommitUnknown(exc) from exc
+            return result
+
+    async def _write(
+        self,
+        op: Op[T],
+        *,
+        idempotent: bool = False,
+        on_conflict: Callable[[], Awaitable[T]] | None = None,
+    ) -> T:
+        """One transaction. ``idempotent``: repeating ``op`` after an unknown commit is safe.
+
+        ``on_conflict`` answers a unique-constraint race lost to a concurrent writer;
+        without it a conflict is the caller's bad input.
+        """
+
         async def once() -> T:
             if self._write_lock is None:
-                async with self.engine.begin() as conn:
-                    return await op(conn)
-            async with self._write_lock, self.engine.begin() as conn:
-                return await op(conn)
+                return await self._transaction(op)
+            async with self._write_lock:
+                return await self._transaction(op)
 
-        return await self._retrying(once)
+        try:
+            return await self._retrying(once, idempotent=idempotent)
+        except sa_exc.IntegrityError as exc:
+            if on_conflict is None:
+                raise InvalidInput(f"conflicts with stored data: {_reason(exc)}") from exc
+            return await on_conflict()
 
     async def _read(self, op: Op[T]) -> T:
         async def once() -> T:
@@ -258,6 +355,7 @@ class SqlStore:
         *,
         owner: str | None = None,
         lease_owner: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> TaskEvent:
         """``message`` must already name its task and context (``common.stamp``)."""
         ts = now()
@@ -266,6 +364,7 @@ class SqlStore:
             "version": tasks.c.version + 1,
             "status_ts": ts,
             "status_message": message,
+            **(extra or {}),
         }
         if to.terminal or to.interrupted:
             values.update(lease_owner=None, lease_expires=None)
@@ -324,31 +423,57 @@ class SqlStore:
     async def submit(
         self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
     ) -> Submitted:
+        check_submit(owner, message, context_id)
+        # Chosen once, outside the retried transaction: a retry that finds this id already
+        # stored knows its own lost-acknowledgement commit created it.
+        task_id = new_id()
+
         async def op(conn: AsyncConnection) -> Submitted:
             seen = await self._seen(conn, owner, message["messageId"])
             if seen is not None:
-                return Submitted(await self._load(conn, seen, owner), False, None)
-            ctx = context_id
+                return await self._existing(conn, owner, seen, mine=seen == task_id)
             ts = now()
-            if ctx is not None:
-                ctx_owner = (
-                    await conn.execute(sa.select(contexts.c.owner).where(contexts.c.id == ctx))
-                ).scalar_one_or_none()
-                if ctx_owner is not None and ctx_owner != owner:
-                    raise ContextMismatch(f"contextId {ctx} belongs to another principal")
-                if ctx_owner is None:
-                    await conn.execute(sa.insert(contexts).values(id=ctx, owner=owner, created_at=ts))
-            else:
-                ctx = new_id()
+            ctx = context_id or new_id()
+            if context_id is None:
                 await conn.execute(sa.insert(contexts).values(id=ctx, owner=owner, created_at=ts))
+            else:
+                # ON CONFLICT: two first messages of one new context may race to create it.
+                created = (
+                    await conn.execute(
+                        self._insert(contexts)
+                        .values(id=ctx, owner=owner, created_at=ts)
+                        .on_conflict_do_nothing()
+                        .returning(contexts.c.id)
+                    )
+                ).first()
+                if created is None:
+                    ctx_owner = (
+                        await conn.execute(sa.select(contexts.c.owner).where(contexts.c.id == ctx))
+                    ).scalar_one()
+                    if ctx_owner != owner:
+                        raise ContextMismatch(f"contextId {ctx} belongs to another principal")
             task = TaskRecord(
-                id=new_id(), context_id=ctx, owner=owner, state=TaskState.SUBMITTED,
-                status_ts=ts, created_at=ts, metadata=metadata, last_seq=1,
+                id=task_id,
+                context_id=ctx,
+                owner=owner,
+                state=TaskState.SUBMITTED,
+                status_ts=ts,
+                created_at=ts,
+                metadata=metadata,
+                last_seq=1,
             )
             await conn.execute(
                 sa.insert(tasks).values(
-                    id=task.id, context_id=ctx, owner=owner, state=task.state.value, version=0,
-                    status_ts=ts, created_at=ts, metadata=metadata, last_seq=1, attempts=0,
+                    id=task.id,
+                    context_id=ctx,
+                    owner=owner,
+                    state=task.state.value,
+                    version=0,
+                    status_ts=ts,
+                    created_at=ts,
+                    metadata=metadata,
+                    last_seq=1,
+                    attempts=0,
                 )
             )
             stored = stamp(message, task.id, ctx)
@@ -358,19 +483,35 @@ class SqlStore:
             event = await self._event(conn, task.id, 1, "status", payload, False)
             return Submitted(task, True, event)
 
-        try:
-            return await self._write(op)
-        except IntegrityError:
-            # A concurrent submit of the same messageId won the unique constraint.
+        async def raced() -> Submitted:
+            """A concurrent submit of the same messageId won the unique constraint."""
+
             async def existing(conn: AsyncConnection) -> Submitted:
                 seen = await self._seen(conn, owner, message["messageId"])
                 if seen is None:
-                    raise
-                return Submitted(await self._load(conn, seen, owner), False, None)
+                    raise InvalidInput(f"messageId {message['messageId']} conflicts")
+                return await self._existing(conn, owner, seen, mine=False)
 
             return await self._read(existing)
 
+        return await self._write(op, idempotent=True, on_conflict=raced)
+
+    async def _existing(
+        self, conn: AsyncConnection, owner: str, task_id: str, *, mine: bool
+    ) -> Submitted:
+        task = await self._load(conn, task_id, owner)
+        if not mine:
+            return Submitted(task, False, None)
+        first = await self._events(conn, task_id, 0, limit=1)
+        return Submitted(task, True, first[0] if first else None)
+
+    def _insert(self, table: sa.Table) -> pg.Insert | sqlite.Insert:
+        """An INSERT that knows ON CONFLICT, in this engine's dialect."""
+        return pg.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
+
     async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
+        check_message(message)
+
         async def op(conn: AsyncConnection) -> Submitted:
             seen = await self._seen(conn, owner, message["messageId"])
             if seen is not None:
@@ -381,19 +522,32 @@ class SqlStore:
             row = (await conn.execute(q)).first()
             if row is None:
                 raise TaskNotFound(task_id)
-            state = TaskState(row.state)
-            if state.terminal:
-                raise TaskTerminal(task_id, state)
-            if state in ACTIVE:
-                raise UnsupportedOperation(
-                    f"Task {task_id} is {state.value}; "
-                    "send the next message once it asks for input"
+            try:
+                # A new turn: the attempt budget is per turn, not per conversation.
+                event = await self._set_state(
+                    conn, task_id, TaskState.SUBMITTED, None, owner=owner, extra={"attempts": 0}
                 )
-            event = await self._set_state(conn, task_id, TaskState.SUBMITTED, None, owner=owner)
+            except InvalidTransition as exc:
+                # Also reached when a concurrent message moved the task after our SELECT.
+                if exc.current.terminal:
+                    raise TaskTerminal(task_id, exc.current) from None
+                raise UnsupportedOperation(
+                    f"Task {task_id} is {exc.current.value}; "
+                    "send the next message once it asks for input"
+                ) from None
             await self._message(conn, owner, stamp(message, task_id, row.context_id))
             return Submitted(await self._load(conn, task_id, owner), True, event)
 
-        return await self._write(op)
+        async def raced() -> Submitted:
+            async def existing(conn: AsyncConnection) -> Submitted:
+                seen = await self._seen(conn, owner, message["messageId"])
+                if seen is None:
+                    raise InvalidInput(f"messageId {message['messageId']} conflicts")
+                return Submitted(await self._load(conn, seen, owner), False, None)
+
+            return await self._read(existing)
+
+        return await self._write(op, idempotent=True, on_conflict=raced)
 
     async def get_task(
         self, owner: str | None, task_id: str, history_length: int | None = None
@@ -466,6 +620,8 @@ class SqlStore:
         message: JSON | None = None,
         lease_owner: str | None = None,
     ) -> TaskEvent:
+        if message is not None:
+            check_message(message)
         return await self._write(
             lambda conn: self._set_state(conn, task_id, to, message, lease_owner=lease_owner)
         )
@@ -483,8 +639,12 @@ class SqlStore:
         async def op(conn: AsyncConnection) -> TaskEvent:
             ts = now()
             seq, context_id, _ = await self._bump(
-                conn, task_id, TaskState.WORKING, [TaskState.WORKING.value],
-                {"status_ts": ts, "status_message": message}, lease_owner=lease_owner,
+                conn,
+                task_id,
+                TaskState.WORKING,
+                [TaskState.WORKING.value],
+                {"status_ts": ts, "status_message": message},
+                lease_owner=lease_owner,
             )
             payload = status_payload(task_id, context_id, TaskState.WORKING, message, ts)
             return await self._event(conn, task_id, seq, "status", payload, False)
@@ -500,24 +660,36 @@ class SqlStore:
         append: bool = False,
         last_chunk: bool = False,
     ) -> TaskEvent:
+        check_artifact(artifact)
+
         async def op(conn: AsyncConnection) -> TaskEvent:
             seq, context_id, _ = await self._bump(
-                conn, task_id, TaskState.WORKING, [TaskState.WORKING.value], {},
+                conn,
+                task_id,
+                TaskState.WORKING,
+                [TaskState.WORKING.value],
+                {},
                 lease_owner=lease_owner,
             )
-            key = (artifacts.c.task_id == task_id, artifacts.c.artifact_id == artifact["artifactId"])
+            key = (
+                artifacts.c.task_id == task_id,
+                artifacts.c.artifact_id == artifact["artifactId"],
+            )
             existing = (await conn.execute(sa.select(artifacts.c.body).where(*key))).first()
             if existing is None:
                 position = (
                     await conn.execute(
-                        sa.select(sa.func.count()).select_from(artifacts)
+                        sa.select(sa.func.count())
+                        .select_from(artifacts)
                         .where(artifacts.c.task_id == task_id)
                     )
                 ).scalar_one()
                 await conn.execute(
                     sa.insert(artifacts).values(
-                        task_id=task_id, artifact_id=artifact["artifactId"],
-                        position=position, body=artifact,
+                        task_id=task_id,
+                        artifact_id=artifact["artifactId"],
+                        position=position,
+                        body=artifact,
                     )
                 )
             else:
@@ -529,15 +701,20 @@ class SqlStore:
         return await self._write(op)
 
     async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
-        async def op(conn: AsyncConnection) -> list[TaskEvent]:
-            q = (
-                sa.select(events.c.seq, events.c.kind, events.c.payload, events.c.final)
-                .where(events.c.task_id == task_id, events.c.seq > after_seq)
-                .order_by(events.c.seq)
-            )
-            return [TaskEvent(task_id, r.seq, r.kind, r.payload, r.final) for r in await conn.execute(q)]
+        return await self._read(lambda conn: self._events(conn, task_id, after_seq))
 
-        return await self._read(op)
+    async def _events(
+        self, conn: AsyncConnection, task_id: str, after_seq: int, limit: int | None = None
+    ) -> list[TaskEvent]:
+        q = (
+            sa.select(events.c.seq, events.c.kind, events.c.payload, events.c.final)
+            .where(events.c.task_id == task_id, events.c.seq > after_seq)
+            .order_by(events.c.seq)
+            .limit(limit)
+        )
+        return [
+            TaskEvent(task_id, r.seq, r.kind, r.payload, r.final) for r in await conn.execute(q)
+        ]
 
     async def claim(
         self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
@@ -570,7 +747,9 @@ class SqlStore:
             written = []
             if row.state == TaskState.SUBMITTED.value:
                 written.append(
-                    await self._set_state(conn, task_id, TaskState.WORKING, None, lease_owner=worker)
+                    await self._set_state(
+                        conn, task_id, TaskState.WORKING, None, lease_owner=worker
+                    )
                 )
             return Claim(await self._load(conn, task_id, None), written)
 
@@ -589,17 +768,17 @@ class SqlStore:
             )
             return {r[0] for r in await conn.execute(stmt)}
 
-        return await self._write(op)
+        return await self._write(op, idempotent=True)
 
     async def release_leases(self, worker: str | None = None) -> int:
         async def op(conn: AsyncConnection) -> int:
-            cond = [tasks.c.lease_owner.is_not(None)]
+            cond: list[sa.ColumnElement[bool]] = [tasks.c.lease_owner.is_not(None)]
             if worker is not None:
                 cond.append(tasks.c.lease_owner == worker)
             stmt = sa.update(tasks).where(*cond).values(lease_owner=None, lease_expires=None)
             return (await conn.execute(stmt)).rowcount
 
-        return await self._write(op)
+        return await self._write(op, idempotent=True)
 
     async def runnable(self, limit: int = 1000) -> list[str]:
         async def op(conn: AsyncConnection) -> list[str]:
@@ -617,14 +796,20 @@ class SqlStore:
         return await self._read(op)
 
     async def add_feedback(self, fb: Feedback) -> None:
+        check_rating(fb.rating)
+
         async def op(conn: AsyncConnection) -> None:
             q = sa.select(tasks.c.id).where(tasks.c.id == fb.task_id, tasks.c.owner == fb.owner)
             if (await conn.execute(q)).first() is None:
                 raise TaskNotFound(fb.task_id)
             await conn.execute(
                 sa.insert(feedback).values(
-                    task_id=fb.task_id, owner=fb.owner, rating=fb.rating, text=fb.text,
-                    metadata=fb.metadata, created_at=now(),
+                    task_id=fb.task_id,
+                    owner=fb.owner,
+                    rating=fb.rating,
+                    text=fb.text,
+                    metadata=fb.metadata,
+                    created_at=now(),
                 )
             )
 

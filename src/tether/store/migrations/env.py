@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from tether.store.schema import metadata
+from tether.store.schema import include_object, metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:
@@ -15,6 +15,7 @@ context.configure(
     target_metadata=metadata,
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
+    include_object=include_object(connection.dialect.name),
 )
 with context.begin_transaction():
     context.run_migrations()

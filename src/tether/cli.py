@@ -1,0 +1,198 @@
+"""``tether``: serve an agent, manage the database, look at tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tether.config import Settings
+from tether.runtime.agent import Agent
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations (Alembic).")
+tasks_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel tasks.")
+app.add_typer(db_app, name="db")
+app.add_typer(tasks_app, name="tasks")
+console = Console()
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="SQLite path or database URL [env TETHER_DATABASE_URL; ./tether.db]"),
+]
+
+
+def load_agent(target: str) -> Agent:
+    """``MODULE:ATTR`` where MODULE is importable (cwd is searched) or a ``.py`` path."""
+    module_ref, _, attr = target.partition(":")
+    attr = attr or "agent"
+    if module_ref.endswith(".py") or os.sep in module_ref:
+        path = Path(module_ref).resolve()
+        if not path.exists():
+            raise typer.BadParameter(f"no such file: {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise typer.BadParameter(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        sys.path.insert(0, str(path.parent))
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_ref)
+        except ModuleNotFoundError as exc:
+            raise typer.BadParameter(f"cannot import {module_ref!r}: {exc}") from None
+    agent = getattr(module, attr, None)
+    if not isinstance(agent, Agent):
+        raise typer.BadParameter(f"{target}: {attr!r} is not a tether.Agent")
+    return agent
+
+
+def _settings(db: str | None, **overrides: Any) -> Settings:
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if db is not None:
+        settings.database_url = db
+    return settings
+
+
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="MODULE:ATTR or path/to/file.py:ATTR")],
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    db: DbOption = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Tasks run at once by this process [env TETHER_CONCURRENCY; 64]"),
+    ] = None,
+    lease_seconds: Annotated[
+        float | None,
+        typer.Option(help="Worker lease on a running task [env TETHER_LEASE_SECONDS; 30]"),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Serve an agent over A2A (JSON-RPC and REST) with its workers, in one process."""
+    import uvicorn
+
+    from tether.server.app import create_app
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    agent = load_agent(target)
+    settings = _settings(db, host=host, port=port, workers=concurrency, lease_seconds=lease_seconds)
+    uvicorn.run(
+        create_app(agent, settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+    )
+
+
+def _engine(db: str | None) -> Any:
+    from tether.store import open_store
+
+    store = open_store(_settings(db).database_url)
+    return store
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head", db: DbOption = None) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from tether.store.migrate import upgrade
+
+    asyncio.run(_with_engine(db, lambda e: upgrade(e, revision)))
+    console.print(f"upgraded to {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str, db: DbOption = None) -> None:
+    """Revert migrations down to REVISION (``base`` empties the schema)."""
+    from tether.store.migrate import downgrade
+
+    asyncio.run(_with_engine(db, lambda e: downgrade(e, revision)))
+    console.print(f"downgraded to {revision}")
+
+
+@db_app.command("current")
+def db_current(db: DbOption = None) -> None:
+    """Print the schema revision the database is at."""
+    from tether.store.migrate import current
+
+    rev = asyncio.run(_with_engine(db, current))
+    console.print(rev or "(empty: no migration applied)")
+
+
+@db_app.command("history")
+def db_history() -> None:
+    """List the migrations, newest first."""
+    from tether.store.migrate import history
+
+    for rev, down, doc in history():
+        console.print(f"{down or 'base'} -> {rev}: {doc.splitlines()[0] if doc else ''}")
+
+
+async def _with_engine(db: str | None, fn: Any) -> Any:
+    from tether.store.sql import SqlStore
+
+    store = _engine(db)
+    if not isinstance(store, SqlStore):
+        raise typer.BadParameter("migrations apply to SQLite and PostgreSQL stores only")
+    try:
+        return await fn(store.engine)
+    finally:
+        await store.engine.dispose()
+
+
+@tasks_app.command("ls")
+def tasks_ls(
+    db: DbOption = None,
+    owner: str = "anonymous",
+    state: str | None = None,
+    limit: int = 20,
+) -> None:
+    """List the most recently updated tasks."""
+    from tether.core.states import TaskState
+    from tether.core.types import iso
+    from tether.store.base import ListQuery
+
+    async def run() -> None:
+        store = _engine(db)
+        try:
+            page = await store.list_tasks(
+                ListQuery(
+                    owner=owner,
+                    state=TaskState.from_wire(state) if state else None,
+                    page_size=limit,
+                )
+            )
+        finally:
+            await store.close()
+        table = Table("id", "context", "state", "updated")
+        for t in page.tasks:
+            table.add_row(t.id, t.context_id, t.state.value, iso(t.status_ts))
+        console.print(table)
+        console.print(f"{page.total_size} task(s)")
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

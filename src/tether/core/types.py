@@ -28,7 +28,7 @@ def now() -> float:
 
 def iso(ts: float) -> str:
     """ISO 8601 UTC with milliseconds, as the spec's timestamp rule asks."""
-    ms = int(round(ts * 1000))
+    ms = round(ts * 1000)
     secs, ms = divmod(ms, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
 

@@ -13,8 +13,8 @@ Listener = Callable[[TaskEvent], Awaitable[None] | None]
 class Subscription(Protocol):
     """Events of one task as they are published, in order; bounded in memory."""
 
-    async def get(self, timeout: float) -> TaskEvent | None:
-        """The next event, or None after ``timeout`` seconds of silence."""
+    async def get(self, wait: float) -> TaskEvent | None:
+        """The next event, or None after ``wait`` seconds of silence."""
         ...
 
     @property

@@ -35,11 +35,11 @@ class LocalSubscription:
     def overflowed(self) -> bool:
         return self._overflowed
 
-    async def get(self, timeout: float) -> TaskEvent | None:
+    async def get(self, wait: float) -> TaskEvent | None:
         if self._overflowed and self._queue.empty():
             return None
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            return await asyncio.wait_for(self._queue.get(), wait)
         except TimeoutError:
             return None
 

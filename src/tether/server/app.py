@@ -58,7 +58,7 @@ def build(agent: Agent, settings: Settings) -> Components:
 
 def create_app(agent: Agent, settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
-    agent.fn  # fail at start-up, not at the first task, when no handler is registered
+    _ = agent.fn  # fail at start-up, not at the first task, when no handler is registered
     parts = build(agent, settings)
 
     @contextlib.asynccontextmanager

@@ -14,8 +14,10 @@ from tether.core.errors import (
 )
 from tether.core.states import TaskState
 from tether.runtime.agent import Agent, Skill
+from tether.runtime.completions import publish_operation_complete
 from tether.runtime.context import Context
 from tether.runtime.outcome import Outcome
+from tether.runtime.waits import OperationFailed, OperationTimedOut
 from tether.server.app import create_app
 
 __version__ = "0.1.0"
@@ -26,6 +28,8 @@ __all__ = [
     "HandlerError",
     "InvalidTransition",
     "LeaseLost",
+    "OperationFailed",
+    "OperationTimedOut",
     "Outcome",
     "Settings",
     "Skill",
@@ -34,4 +38,5 @@ __all__ = [
     "TaskState",
     "TetherError",
     "create_app",
+    "publish_operation_complete",
 ]

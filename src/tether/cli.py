@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tether.bench.cli import bench_app
 from tether.config import Settings
 from tether.runtime.agent import Agent
 
@@ -23,6 +24,7 @@ db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations (Ale
 tasks_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel tasks.")
 app.add_typer(db_app, name="db")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 DbOption = Annotated[
@@ -39,11 +41,14 @@ def load_agent(target: str) -> Agent:
         path = Path(module_ref).resolve()
         if not path.exists():
             raise typer.BadParameter(f"no such file: {path}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+        # A file named like a module already loaded (json.py, typing.py) must not
+        # replace that module for everything else in the process.
+        name = path.stem if path.stem not in sys.modules else f"_tether_app_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise typer.BadParameter(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
+        sys.modules[name] = module
         sys.path.insert(0, str(path.parent))
         spec.loader.exec_module(module)
     else:
@@ -79,6 +84,17 @@ def serve(
         float | None,
         typer.Option(help="Worker lease on a running task [env TETHER_LEASE_SECONDS; 30]"),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="In-process worker slots (as --concurrency); 0 serves the API only, "
+            "for `tether worker` processes to run the tasks"
+        ),
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="'local' or redis://host:port/db [env TETHER_BROKER_URL; local]"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Serve an agent over A2A (JSON-RPC and REST) with its workers, in one process."""
@@ -91,7 +107,14 @@ def serve(
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     agent = load_agent(target)
-    settings = _settings(db, host=host, port=port, workers=concurrency, lease_seconds=lease_seconds)
+    settings = _settings(
+        db,
+        host=host,
+        port=port,
+        workers=workers if workers is not None else concurrency,
+        lease_seconds=lease_seconds,
+        broker_url=broker,
+    )
     uvicorn.run(
         create_app(agent, settings),
         host=host,
@@ -100,6 +123,54 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
+
+
+@app.command()
+def worker(
+    target: Annotated[str, typer.Argument(help="MODULE:ATTR or path/to/file.py:ATTR")],
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Tasks run at once by this process [env TETHER_CONCURRENCY; 64]"),
+    ] = None,
+    db: DbOption = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="redis://host:port/db [env TETHER_BROKER_URL]"),
+    ] = None,
+    lease_seconds: Annotated[
+        float | None,
+        typer.Option(help="Worker lease on a running task [env TETHER_LEASE_SECONDS; 30]"),
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="On SIGTERM, seconds running tasks get to finish before they are handed "
+            "back [env TETHER_SHUTDOWN_GRACE; 10]"
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run an agent's tasks only, taking them from Redis; start as many as you need."""
+    from tether.core.errors import TetherError
+    from tether.runtime.process import run_worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    agent = load_agent(target)
+    settings = _settings(
+        db,
+        workers=concurrency,
+        lease_seconds=lease_seconds,
+        broker_url=broker,
+        shutdown_grace=shutdown_grace,
+    )
+    try:
+        asyncio.run(run_worker(agent, settings))
+    except TetherError as exc:
+        console.print(f"[red]tether worker: {exc.message}[/red]")
+        raise typer.Exit(2) from None
 
 
 def _engine(db: str | None) -> Any:

@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tether.core.errors import InvalidTransition
 from tether.core.states import TaskState
 from tether.core.types import DEFAULT_OWNER, JSON, Feedback, TaskRecord, text_message
 from tether.store.base import TaskStore
 from tether.store.common import stamp
 from tether.store.memory import MemoryStore
-from tether.store.schema import feedback
+from tether.store.schema import feedback, metadata
 from tether.store.sql import SqlStore
 
 S = TaskState
+# The same server tests/conftest.py creates the databases on.
+PG_ADMIN_URL = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 OWNER = DEFAULT_OWNER
 WORKER = "worker-1"
 
 
 async def truncate(engine: AsyncEngine) -> None:
+    """Empties every table of the schema: each PostgreSQL test starts from nothing."""
+    names = ", ".join(t.name for t in metadata.sorted_tables)
     async with engine.begin() as conn:
-        await conn.execute(
-            sa.text(
-                "TRUNCATE feedback, events, artifacts, messages, tasks, contexts "
-                "RESTART IDENTITY"
-            )
-        )
+        await conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY"))
 
 
 def user_msg(text: str = "hello", **extra: str) -> JSON:
@@ -70,3 +73,59 @@ async def stored_feedback(store: TaskStore) -> list[Feedback]:
     async with store.engine.connect() as conn:
         rows = (await conn.execute(sa.select(feedback).order_by(feedback.c.id))).all()
     return [Feedback(r.task_id, r.owner, r.rating, r.text, r.metadata) for r in rows]
+
+
+# -- processes for the PostgreSQL concurrency test ------------------------------------
+
+
+def next_state(state: TaskState) -> TaskState:
+    """The cycle every contender pushes a task along: submitted -> working <-> input-required."""
+    return S.INPUT_REQUIRED if state is S.WORKING else S.WORKING
+
+
+def cas_process(
+    url: str,
+    task_ids: list[str],
+    index: int,
+    attempts: int,
+    start: Any,
+    results: Any,
+) -> None:
+    """One OS process of contenders: ``attempts`` read-then-compare-and-set rounds.
+
+    Puts ``(index, wins, losses, errors)`` on ``results``; a win is
+    ``(task_id, messageId, from, to)``.
+    """
+    import asyncio
+
+    wins: list[tuple[str, str, str, str]] = []
+    errors: list[str] = []
+    losses = 0
+
+    async def run() -> None:
+        nonlocal losses
+        store = SqlStore(url, pool_size=2, run_migrations=False)
+        await store.start()
+        try:
+            for i in range(attempts):
+                task_id = task_ids[i % len(task_ids)]
+                task = await store.get_task(None, task_id, history_length=0)
+                to = next_state(task.state)
+                message = stamp(
+                    text_message("ROLE_AGENT", f"p{index} a{i}"), task.id, task.context_id
+                )
+                try:
+                    await store.transition(task_id, to, message=message)
+                except InvalidTransition:
+                    losses += 1
+                else:
+                    wins.append((task_id, message["messageId"], task.state.value, to.value))
+        finally:
+            await store.close()
+
+    try:
+        start.wait(timeout=120)
+        asyncio.run(run())
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.append(f"{type(exc).__name__}: {exc}")
+    results.put((index, wins, losses, errors))

@@ -20,7 +20,7 @@ from tether.core.errors import (
     UnsupportedOperation,
 )
 from tether.core.states import TERMINAL, TRANSITIONS, TaskState, can_transition
-from tether.core.types import Feedback, TaskRecord
+from tether.core.types import JSON, Feedback, TaskRecord
 from tether.store.base import Claim, ListQuery, TaskStore
 
 ALICE, BOB = "alice", "bob"
@@ -163,9 +163,18 @@ async def test_reclaimed_lease_fences_the_old_owner(store: TaskStore) -> None:
     await store.transition(task.id, S.COMPLETED, lease_owner="w2")
 
 
-async def test_concurrent_compare_and_set_has_one_winner(store: TaskStore) -> None:
+# Targets none of which can follow another: a second success would be a second winner.
+RACES = {
+    "same": [S.INPUT_REQUIRED] * 16,
+    "terminal-mix": [S.COMPLETED, S.FAILED, S.CANCELED, S.REJECTED] * 4,
+}
+
+
+@pytest.mark.parametrize("race", sorted(RACES))
+async def test_concurrent_compare_and_set_has_one_winner(store: TaskStore, race: str) -> None:
     task = await drive_to(store, S.WORKING)
-    targets = [S.COMPLETED, S.FAILED, S.CANCELED, S.INPUT_REQUIRED] * 4
+    targets = RACES[race]
+    assert not any(can_transition(a, b) for a in targets for b in targets)
     results = await asyncio.gather(
         *(
             store.transition(task.id, to, message=agent_msg(task, f"try {i}"))
@@ -611,15 +620,34 @@ async def test_concurrent_resumes_have_one_winner(store: TaskStore) -> None:
 
 
 async def test_records_are_snapshots(store: TaskStore) -> None:
-    task = await claimed(store)
-    await store.add_artifact(task.id, {"artifactId": "a", "parts": [{"text": "1"}]},
-                             lease_owner=WORKER)
+    """Nothing a caller passes in or gets back aliases stored state (as with a database)."""
+    msg, meta = user_msg("original"), {"tags": ["a"]}
+    task = (await store.submit(owner=OWNER, message=msg, context_id=None, metadata=meta)).task
+    msg["parts"].append({"text": "mutated"})
+    meta["tags"].append("mutated")
+    claim = await store.claim(task.id, WORKER, lease_seconds=LEASE, max_attempts=3)
+    assert claim is not None
+    artifact: JSON = {"artifactId": "a", "parts": [{"text": "1"}]}
+    await store.add_artifact(task.id, artifact, lease_owner=WORKER)
+    artifact["parts"].append({"text": "mutated"})
+    status = agent_msg(task, "busy")
+    await store.update_status(task.id, status, lease_owner=WORKER)
+    status["parts"].append({"text": "mutated"})
+
     got = await store.get_task(OWNER, task.id)
     got.artifacts[0]["parts"].append({"text": "mutated"})
+    got.history[0]["parts"].append({"text": "mutated"})
+    assert got.metadata is not None and got.status_message is not None
+    got.metadata["tags"].append("mutated")
+    got.status_message["parts"].append({"text": "mutated"})
     got.history.clear()
+
     again = await store.get_task(OWNER, task.id)
     assert again.artifacts == [{"artifactId": "a", "parts": [{"text": "1"}]}]
-    assert len(again.history) == 1
+    assert [m["parts"] for m in again.history] == [[{"text": "original"}]]
+    assert again.metadata == {"tags": ["a"]}
+    assert again.status_message is not None
+    assert again.status_message["parts"] == [{"text": "busy"}]
 
 
 def test_every_pair_is_covered() -> None:

@@ -1,6 +1,6 @@
 """Per-task event fan-out: ``EventBus`` and its backends."""
 
-from tether.events.base import EventBus, Subscription
+from tether.events.base import EventBus, SubscriberLagged, Subscription
 from tether.events.local import LocalEventBus
 
-__all__ = ["EventBus", "LocalEventBus", "Subscription"]
+__all__ = ["EventBus", "LocalEventBus", "SubscriberLagged", "Subscription"]

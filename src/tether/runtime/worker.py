@@ -4,6 +4,13 @@ Handler execution is at-least-once (a worker that dies mid-task leaves a lease
 that expires, and the task runs again, up to ``max_attempts``); every state
 change and event is exactly-once, because each is a compare-and-set fenced by
 this worker's lease.
+
+The queue entry a task came from is acknowledged once its outcome is stored
+(and before the event goes out, so a follow-up message can queue it again at
+once); a worker that lost its lease abandons the task without acknowledging,
+and a parked task (``ctx.wait_for``) is acknowledged and leaves its slot free.
+On ``stop`` no slot takes new work; running handlers get the grace period, and
+those still running then are handed back (lease expired, entry re-queued).
 """
 
 from __future__ import annotations
@@ -15,18 +22,28 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tether.broker.base import Broker
-from tether.core.errors import HandlerError, InvalidTransition, LeaseLost, TetherError
+from tether.broker.base import Broker, Delivery
+from tether.core.errors import (
+    HandlerError,
+    InvalidInput,
+    InvalidTransition,
+    LeaseLost,
+    TetherError,
+)
 from tether.core.states import TaskState
-from tether.core.types import TaskEvent, new_id
+from tether.core.types import JSON, TaskEvent, new_id
 from tether.events.base import EventBus
 from tether.runtime.agent import Agent
 from tether.runtime.context import Context
 from tether.runtime.outcome import Outcome
 from tether.runtime.parts import agent_message
+from tether.runtime.waits import Parked
 from tether.store.base import TaskStore
+
+if TYPE_CHECKING:
+    from tether.runtime.completions import CompletionConsumer
 
 log = logging.getLogger("tether.worker")
 
@@ -42,6 +59,9 @@ class Runtime:
         concurrency: int = 64,
         lease_seconds: float = 30.0,
         worker_id: str | None = None,
+        completions: CompletionConsumer | None = None,
+        secret: str | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.agent = agent
         self.store = store
@@ -51,7 +71,19 @@ class Runtime:
         self.lease_seconds = lease_seconds
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         self._running: dict[str, asyncio.Task[Any]] = {}
+        self._contexts: dict[str, Context] = {}
+        self._claiming: set[str] = set()
         self._canceled: set[str] = set()
+        # Why a handler was stopped, when it was not a cancel: its lease went to another
+        # worker (abandon, no ack), or this worker is shutting down (hand back).
+        self._abandoned: set[str] = set()
+        self._handing_back: set[str] = set()
+        self._deliveries: dict[str, Delivery] = {}
+        self.completions = completions
+        self.secret = secret
+        self.public_url = public_url
+        self._slots: list[asyncio.Task[None]] = []
+        self._idle: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="handler")
         self._stopping = False
@@ -67,19 +99,34 @@ class Runtime:
             if released:
                 log.info("took back %d task(s) left running by a previous process", released)
         self.bus.on_final(self._on_final)
-        self._loops = [asyncio.create_task(self._loop()) for _ in range(self.concurrency)]
-        self._loops.append(asyncio.create_task(self._heartbeat()))
-        self._loops.append(asyncio.create_task(self._redrive()))
+        self._slots = [asyncio.create_task(self._loop()) for _ in range(self.concurrency)]
+        self._loops = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._redrive()),
+        ]
+        if self.completions is not None:
+            await self.completions.start()
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0, hand_back_timeout: float = 5.0) -> None:
         """Stop claiming; give running handlers ``grace`` seconds, then hand them back."""
         self._stopping = True
+        for slot in list(self._idle):
+            slot.cancel()
         running = list(self._running.values())
         if running:
             await asyncio.wait(running, timeout=grace)
-        for loop in self._loops:
+        for task_id in list(self._running):
+            log.info("task %s still running after %.1fs: handing it back", task_id, grace)
+            self._handing_back.add(task_id)
+            self._stop_handler(task_id)
+        slots = [slot for slot in self._slots if not slot.done()]
+        if slots:
+            await asyncio.wait(slots, timeout=hand_back_timeout)
+        for loop in [*self._slots, *self._loops]:
             loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._slots, *self._loops, return_exceptions=True)
+        if self.completions is not None:
+            await self.completions.stop()
         with contextlib.suppress(TetherError):
             await self.store.release_leases(self.worker_id)
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -87,15 +134,24 @@ class Runtime:
     # -- loops ---------------------------------------------------------------
 
     async def _loop(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while not self._stopping:
-            task_id = await self.broker.next()
+            # Idle slots are what ``stop`` cancels at once; an entry a cancelled ``next``
+            # was about to return stays queued (the broker's ``next`` is cancel-safe).
+            self._idle.add(me)
             try:
-                await self._run(task_id)
+                delivery = await self.broker.next()
+            finally:
+                self._idle.discard(me)
+            try:
+                await self._run(delivery)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # Never let one task take a worker slot down with it.
-                log.exception("worker slot error on task %s", task_id)
+                # Never let one task take a worker slot down with it. The entry stays
+                # unacknowledged: another worker reclaims it once it is idle past the lease.
+                log.exception("worker slot error on task %s", delivery.task_id)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -110,27 +166,46 @@ class Runtime:
                 continue
             for task_id in set(ids) - held:
                 log.warning("lost the lease on task %s; abandoning it", task_id)
-                handler = self._running.get(task_id)
-                if handler is not None:
-                    self._canceled.add(task_id)
-                    handler.cancel()
+                self._abandoned.add(task_id)
+                self._stop_handler(task_id)
+            # After the renewal: an entry idle past the lease then always has an expired lease.
+            touch = [self._deliveries[t] for t in held if t in self._deliveries]
+            try:
+                await self.broker.touch(touch)
+            except TetherError as exc:
+                log.debug("queue heartbeat failed: %s", exc)
 
     async def _redrive(self) -> None:
         """The store is the outbox: queue every runnable task without a live lease."""
+        failing = False
         while True:
             try:
-                for task_id in await self.store.runnable():
-                    if task_id not in self._running:
-                        await self.broker.enqueue(task_id)
+                ids = [t for t in await self.store.runnable() if t not in self._running]
+                # Idempotent: a task whose entry still waits in the queue gets no second one.
+                await self.broker.enqueue_many(ids)
+                failing = False
             except TetherError as exc:
-                log.warning("re-drive failed: %s", exc)
+                (log.debug if failing else log.warning)("re-drive failed: %s", exc)
+                failing = True
             await asyncio.sleep(max(self.lease_seconds / 2, 0.5))
 
     async def _on_final(self, event: TaskEvent) -> None:
-        handler = self._running.get(event.task_id)
-        if handler is not None and event.payload["status"]["state"] == TaskState.CANCELED.wire:
+        if event.payload["status"]["state"] != TaskState.CANCELED.wire:
+            return
+        if event.task_id in self._claiming:
             self._canceled.add(event.task_id)
-            handler.cancel()
+        self._stop_handler(event.task_id)
+
+    def _stop_handler(self, task_id: str) -> None:
+        handler = self._running.get(task_id)
+        if handler is None:
+            return
+        self._canceled.add(task_id)
+        ctx = self._contexts.get(task_id)
+        if ctx is not None:
+            # A sync handler's thread cannot be interrupted; it can look at this.
+            ctx.cancel_requested = True
+        handler.cancel()
 
     # -- one task ------------------------------------------------------------
 
@@ -138,7 +213,29 @@ class Runtime:
         for event in events:
             await self.bus.publish(event)
 
-    async def _run(self, task_id: str) -> None:
+    async def _ack(self, delivery: Delivery | None) -> None:
+        if delivery is None:
+            return
+        try:
+            await self.broker.ack(delivery)
+        except TetherError as exc:
+            # Not lost: the entry is reclaimed after the lease, and its claim finds nothing to do.
+            log.warning("could not acknowledge task %s's entry: %s", delivery.task_id, exc)
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        """Shutting down with the task unfinished: let another worker have it now."""
+        with contextlib.suppress(TetherError):
+            await self.store.renew(self.worker_id, [delivery.task_id], lease_seconds=0)
+        try:
+            await self.broker.release(delivery)
+        except TetherError as exc:
+            log.warning("could not hand task %s back (it will be reclaimed): %s", delivery, exc)
+
+    async def _run(self, delivery: Delivery) -> None:
+        task_id = delivery.task_id
+        # From here until the handler is registered in ``_running``, a cancel event
+        # finds no handler to stop: ``_on_final`` records it in ``_canceled`` instead.
+        self._claiming.add(task_id)
         try:
             claim = await self.store.claim(
                 task_id,
@@ -146,34 +243,59 @@ class Runtime:
                 lease_seconds=self.lease_seconds,
                 max_attempts=self.agent.max_attempts,
             )
+            if claim is None:
+                # Finished, canceled, waiting, or leased by a live worker (which holds an
+                # entry of its own): this entry has nothing left to do.
+                log.debug("task %s not claimed: taken, finished or canceled", task_id)
+                await self._ack(delivery)
+                return
+            if claim.task is None:
+                await self._ack(delivery)
+                await self._publish(claim.events)
+                log.warning("task %s failed: %d attempts used", task_id, self.agent.max_attempts)
+                return
+            await self._publish(claim.events)
+            ctx = Context(self, claim.task)
+            handler = asyncio.create_task(self._invoke(ctx))
+            self._running[task_id] = handler
+            self._contexts[task_id] = ctx
+            self._deliveries[task_id] = delivery
         finally:
-            self.broker.done(task_id)
-        if claim is None:
-            log.debug("task %s not claimed: taken, finished or canceled", task_id)
-            return
-        await self._publish(claim.events)
-        if claim.task is None:
-            log.warning("task %s failed: %d attempts used", task_id, self.agent.max_attempts)
-            return
-        ctx = Context(self, claim.task)
-        handler = asyncio.create_task(self._invoke(ctx))
-        self._running[task_id] = handler
+            self._claiming.discard(task_id)
+            if task_id not in self._running:
+                self._canceled.discard(task_id)
+        if task_id in self._canceled:
+            # Canceled between the claim and now: the handler never gets to run.
+            ctx.cancel_requested = True
+            handler.cancel()
         try:
             result = await handler
         except asyncio.CancelledError:
+            if task_id in self._abandoned:
+                log.debug("task %s abandoned: its lease is another worker's", task_id)
+                return
+            if task_id in self._handing_back:
+                await self._hand_back(delivery)
+                return
             if task_id in self._canceled:
                 log.debug("task %s canceled while running", task_id)
+                await self._ack(delivery)
                 return
             raise
+        except Parked as parked:
+            # The wait is stored and holds the lease; a completion queues the task again.
+            log.debug("task %s waits for operation %s", task_id, parked.operation_id)
+            await self._ack(delivery)
         except HandlerError as exc:
             if not exc.non_retryable and ctx.attempt < self.agent.max_attempts:
-                await self._retry_later(task_id)
+                await self._retry_later(delivery)
             else:
                 await self._finish(ctx, TaskState.FAILED, exc.message)
-        except TimeoutError:
-            await self._finish(ctx, TaskState.FAILED, f"Timed out after {self.agent.timeout}s")
-        except (LeaseLost, InvalidTransition):
-            log.debug("task %s changed under its handler (canceled or taken over)", task_id)
+        except LeaseLost:
+            log.debug("task %s taken over by another worker", task_id)
+        except InvalidTransition:
+            log.debug("task %s changed under its handler (canceled)", task_id)
+            await self._ack(delivery)
         except Exception as exc:
             log.exception("handler failed on task %s", task_id)
             await self._finish(ctx, TaskState.FAILED, str(exc) or type(exc).__name__)
@@ -184,18 +306,35 @@ class Runtime:
                 await self._finish(ctx, TaskState.COMPLETED, result)
         finally:
             self._running.pop(task_id, None)
+            self._contexts.pop(task_id, None)
+            self._deliveries.pop(task_id, None)
             self._canceled.discard(task_id)
+            self._abandoned.discard(task_id)
+            self._handing_back.discard(task_id)
 
     async def _invoke(self, ctx: Context) -> Any:
         fn = self.agent.fn
-        async with asyncio.timeout(self.agent.timeout):
-            if inspect.isasyncgenfunction(fn):
-                return await self._drain(fn(ctx), ctx)
-            if inspect.iscoroutinefunction(fn):
-                return await fn(ctx)
-            loop = asyncio.get_running_loop()
-            # Sync handlers block; they get a thread of their own pool, never the loop.
-            return await loop.run_in_executor(self._threads, fn, ctx)
+        limit = self.agent.timeout
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                if inspect.isasyncgenfunction(fn):
+                    return await self._drain(fn(ctx), ctx)
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(ctx)
+                loop = asyncio.get_running_loop()
+                # Sync handlers block; they get a thread of their own pool, never the loop.
+                result = await loop.run_in_executor(self._threads, fn, ctx)
+                if inspect.isawaitable(result):
+                    # An async handler that does not look like one (an object with an
+                    # async __call__, a plain wrapper around a coroutine function).
+                    return await result
+                return result
+        except TimeoutError:
+            # Only our own deadline is a timeout of the task; a TimeoutError the
+            # handler let escape (an HTTP call of its own, say) is an ordinary failure.
+            if deadline.expired():
+                raise HandlerError(f"Timed out after {limit}s") from None
+            raise
 
     async def _drain(self, gen: Any, ctx: Context) -> Any:
         """An async-generator handler: each yield is the next chunk of one artifact."""
@@ -211,17 +350,56 @@ class Runtime:
         return None
 
     async def _finish(self, ctx: Context, state: TaskState, result: Any) -> None:
-        message = None if result is None else agent_message(result, ctx.task_id, ctx.context_id)
         try:
-            event = await self.store.transition(
+            message = (
+                None if result is None else agent_message(result, ctx.task_id, ctx.context_id)
+            )
+        except InvalidInput as exc:
+            # Raised here it would leave the task working until its lease ran out,
+            # and then run it again for the same answer: fail it now, saying why.
+            state = TaskState.FAILED
+            message = agent_message(
+                f"The handler returned {type(result).__name__}, not a message: {exc.message}",
+                ctx.task_id,
+                ctx.context_id,
+            )
+        try:
+            event = await self._transition(ctx, state, message)
+        except InvalidInput as exc:
+            # The store refused the answer (say, a messageId this owner used before):
+            # the same reasoning, fail the task now rather than run it again.
+            log.warning("task %s: the handler's answer was refused: %s", ctx.task_id, exc)
+            refused = f"The handler's answer was refused: {exc.message}"
+            event = await self._transition(
+                ctx, TaskState.FAILED, agent_message(refused, ctx.task_id, ctx.context_id)
+            )
+        if event is not None:
+            # Acknowledged before the event goes out: whoever the event reaches may send
+            # a follow-up message, whose enqueue must not find this entry still waiting.
+            await self._ack(self._deliveries.get(ctx.task_id))
+            await self.bus.publish(event)
+
+    async def _transition(
+        self, ctx: Context, state: TaskState, message: JSON | None
+    ) -> TaskEvent | None:
+        try:
+            return await self.store.transition(
                 ctx.task_id, state, message=message, lease_owner=self.worker_id
             )
-        except (LeaseLost, InvalidTransition) as exc:
+        except LeaseLost as exc:
+            # Another worker has the task now, and its entry: leave both alone.
             log.debug("task %s not finished by this worker: %s", ctx.task_id, exc)
-            return
-        await self.bus.publish(event)
+            return None
+        except InvalidTransition as exc:
+            # Canceled meanwhile: the task's state is stored all the same.
+            log.debug("task %s not finished by this worker: %s", ctx.task_id, exc)
+            await self._ack(self._deliveries.get(ctx.task_id))
+            return None
 
-    async def _retry_later(self, task_id: str) -> None:
+    async def _retry_later(self, delivery: Delivery) -> None:
         # A zero-length renewal expires the lease now: the task is claimable again.
-        await self.store.renew(self.worker_id, [task_id], lease_seconds=0)
-        await self.broker.enqueue(task_id)
+        await self.store.renew(self.worker_id, [delivery.task_id], lease_seconds=0)
+        try:
+            await self.broker.release(delivery)
+        except TetherError as exc:
+            log.warning("task %s not queued for its retry (the re-drive will): %s", delivery, exc)

@@ -13,14 +13,22 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tether.broker.base import Broker
-from tether.broker.local import LocalBroker
 from tether.config import Settings
 from tether.events.base import EventBus
-from tether.events.local import LocalEventBus
 from tether.runtime.agent import Agent
+from tether.runtime.process import (
+    completer,
+    default_worker_id,
+    make_runtime,
+    open_broker,
+    open_bus,
+    uses_redis,
+)
 from tether.runtime.worker import Runtime
 from tether.server.card import CardEndpoint, agent_card
 from tether.server.jsonrpc import JsonRpcEndpoint
+from tether.server.operations import OperationsEndpoint
+from tether.server.rest import RestBinding
 from tether.server.service import TaskService
 from tether.store import TaskStore, open_store
 
@@ -37,22 +45,29 @@ class Components:
 
 
 def build(agent: Agent, settings: Settings) -> Components:
+    """Backends from ``settings.broker_url`` ("local" or redis://…); ``workers`` 0: API only."""
     store = open_store(settings.database_url)
-    broker = LocalBroker()
-    bus = LocalEventBus()
-    runtime = (
-        Runtime(
-            agent,
-            store,
-            broker,
-            bus,
-            concurrency=settings.workers,
-            lease_seconds=settings.lease_seconds,
+    worker_id = default_worker_id()
+    broker = open_broker(settings, worker_id)
+    bus = open_bus(settings)
+    if settings.workers <= 0 and not uses_redis(settings):
+        log.warning(
+            "no workers and a local broker: tasks are stored but nothing runs them "
+            "(set TETHER_BROKER_URL=redis://… and start `tether worker`)"
         )
+    runtime = (
+        make_runtime(agent, settings, store, broker, bus, worker_id)
         if settings.workers > 0
         else None
     )
-    service = TaskService(store, broker, bus, blocking_timeout=settings.blocking_timeout)
+    service = TaskService(
+        store,
+        broker,
+        bus,
+        blocking_timeout=settings.blocking_timeout,
+        keepalive=settings.sse_keepalive,
+        event_retention=settings.event_retention,
+    )
     return Components(store, broker, bus, service, runtime)
 
 
@@ -68,12 +83,14 @@ def create_app(agent: Agent, settings: Settings | None = None) -> Starlette:
         await parts.broker.start()
         if parts.runtime is not None:
             await parts.runtime.start()
+        await parts.service.start()
         log.info(
             "tether serving %r on %s (store %s)", agent.name, settings.url, settings.database_url
         )
         try:
             yield
         finally:
+            await parts.service.close()
             if parts.runtime is not None:
                 await parts.runtime.stop(settings.shutdown_grace)
             await parts.broker.close()
@@ -91,6 +108,16 @@ def create_app(agent: Agent, settings: Settings | None = None) -> Starlette:
             methods=["GET"],
         ),
         Route("/healthz", health, methods=["GET"]),
+        Route(
+            "/operations/{operation_id}:complete",
+            OperationsEndpoint(
+                completer(settings, parts.store, parts.broker),
+                settings.secret,
+                queued=uses_redis(settings),
+            ).handle,
+            methods=["POST"],
+        ),
+        *RestBinding(parts.service, settings.api_keys).routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.tether = parts

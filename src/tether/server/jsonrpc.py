@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tether.core.states import TaskState
-from tether.core.types import JSON, Feedback, TaskEvent
+from tether.core.types import JSON, Feedback
 from tether.protocol import compat03
 from tether.protocol.errors import (
     INVALID_REQUEST,
@@ -32,10 +33,10 @@ from tether.protocol.models import (
     message_dict,
     parse,
 )
-from tether.protocol.wire import event_json, task_json
+from tether.protocol.wire import task_json
 from tether.server.auth import Unauthenticated, principal
 from tether.server.service import SendRequest, TaskService
-from tether.server.sse import frame, last_event_id, sse_response
+from tether.server.sse import event_stream, resume_point
 from tether.store.base import ListQuery
 
 log = logging.getLogger("tether.server")
@@ -86,22 +87,24 @@ def list_query(owner: str, params: Any, version: str) -> ListQuery:
         params = compat03.list_params_up(params)
     p = parse(ListTasksParams, params)
     state = None
-    if p.status:
+    # ProtoJSON writers may send a field's default value: UNSPECIFIED and "" filter nothing.
+    if p.status and p.status != "TASK_STATE_UNSPECIFIED":
         try:
             state = TaskState.from_wire(p.status)
         except (KeyError, ValueError):
             raise invalid_params(f"status: unknown task state {p.status!r}") from None
     after = None
     if p.status_timestamp_after:
-        from datetime import datetime
-
         try:
-            after = datetime.fromisoformat(p.status_timestamp_after).timestamp()
+            stamp = datetime.fromisoformat(p.status_timestamp_after)
         except ValueError:
             raise invalid_params("statusTimestampAfter: not an ISO 8601 timestamp") from None
+        # Timestamps on the wire are UTC (spec 5.6.1); one without an offset is too,
+        # not this server's local time.
+        after = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
     return ListQuery(
         owner=owner,
-        context_id=p.context_id,
+        context_id=p.context_id or None,
         state=state,
         page_size=p.page_size,
         page_token=p.page_token,
@@ -208,23 +211,20 @@ class JsonRpcEndpoint:
         self, request: Request, name: str, owner: str, params: Any, version: str, req_id: Any
     ) -> Response:
         if name == "SendStreamingMessage":
-            task, events = await self.service.stream(send_request(owner, params, version))
-            resume_from: int | None = None
+            stream = await self.service.stream(send_request(owner, params, version))
         else:
             p = parse(TaskIdParams, params)
-            resume_from = last_event_id(request.headers.get("last-event-id"))
-            task, events = await self.service.subscribe(owner, p.id, resume_from)
+            stream = await self.service.subscribe(owner, p.id, resume_point(request))
 
         def wrap(result: JSON) -> JSON:
             if version == V03:
                 result = compat03.stream_down(result)
             return {"jsonrpc": "2.0", "id": req_id, "result": result}
 
-        def render(event: TaskEvent) -> bytes:
-            return frame(wrap(event_json(event)), event.seq)
+        def error_body(error: A2AError) -> JSON:
+            return {"jsonrpc": "2.0", "id": req_id, "error": error.rpc()}
 
-        first_id = task.last_seq if resume_from is None else None
-        return sse_response(frame(wrap({"task": task_json(task)}), first_id), events, render)
+        return event_stream(stream, wrap, error_body)
 
 
 def _reply(

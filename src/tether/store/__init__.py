@@ -18,7 +18,11 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    """Connection-pool and start-up knobs of the SQL backends (the memory store ignores them)."""
+    """Start-up and connection knobs of the SQL backends; the memory store ignores them.
+
+    The pool settings apply to PostgreSQL; SQLite uses ``command_timeout`` as its
+    busy timeout and serialises writers in-process, so a pool size means nothing there.
+    """
 
     pool_size: int = 10
     pool_timeout: float = 10.0

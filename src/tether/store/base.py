@@ -11,7 +11,8 @@ event row written in the same transaction. A write refused by the guard raises
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from enum import StrEnum
+from typing import Any, Protocol
 
 from tether.core.states import TaskState
 from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord
@@ -45,6 +46,42 @@ class ListQuery:
     status_after: float | None = None
     history_length: int | None = 0
     include_artifacts: bool = False
+
+
+class OperationState(StrEnum):
+    """Where an external operation a task waits on (``ctx.wait_for``) stands."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed-out"
+
+
+# While a task waits, its lease is held by the wait itself: ``lease_owner`` is
+# ``wait:<operation id>`` (so operation ids are kept short enough for the column)
+# and ``lease_expires`` the deadline, or ``WAIT_FOREVER``. ``runnable()`` and
+# ``claim()`` then leave the task alone until a completion drops that lease or the
+# deadline passes, without a change to either.
+WAIT_PREFIX = "wait:"
+MAX_OPERATION_ID = 120
+WAIT_FOREVER = 1e15
+
+
+@dataclass(slots=True, frozen=True)
+class Operation:
+    id: str
+    task_id: str | None  # None: completed before any task waited on it
+    state: OperationState
+    result: Any = None
+    error: str | None = None
+    deadline: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Completion:
+    operation: Operation
+    changed: bool  # False: the operation had already ended (a redelivery); nothing was written
+    resumed: str | None  # the task this completion released from its wait: queue it
 
 
 class TaskStore(Protocol):
@@ -109,6 +146,15 @@ class TaskStore(Protocol):
 
     async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]: ...
 
+    async def prune_events(self, finished_before: float, limit: int = 200) -> int:
+        """Drop the event logs of up to ``limit`` tasks that became terminal before
+        ``finished_before`` (epoch seconds); returns how many tasks lost theirs.
+
+        The tasks themselves (status, history, artifacts, ``last_seq``) stay: a
+        stream asking for pruned events is told so and gets the Task snapshot.
+        """
+        ...
+
     async def claim(
         self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
     ) -> Claim | None:
@@ -133,3 +179,30 @@ class TaskStore(Protocol):
         ...
 
     async def add_feedback(self, feedback: Feedback) -> None: ...
+
+    async def wait_operation(
+        self, task_id: str, operation_id: str, *, lease_owner: str, deadline: float | None
+    ) -> Operation:
+        """Park ``task_id`` (working, leased by ``lease_owner``) until ``operation_id`` ends.
+
+        The lease passes to the wait (see ``WAIT_PREFIX``) and the attempt budget
+        starts over. An operation that already ended parks nothing and is returned
+        as it is; a pending one past its deadline is marked ``TIMED_OUT`` first. The
+        first wait's deadline stays, so a re-run handler cannot extend it. Raises
+        ``LeaseLost``/``InvalidTransition`` like any fenced write, and ``InvalidInput``
+        for an operation that another task waits on.
+        """
+        ...
+
+    async def complete_operation(
+        self, operation_id: str, *, result: Any = None, error: str | None = None
+    ) -> Completion:
+        """Record the outcome of an operation once (``error``: it failed).
+
+        The task parked on it, if any, is released (its lease dropped) in the same
+        step. An operation no task waits on yet is stored, for the wait that comes
+        later; one that already ended is left as it is (``changed`` False).
+        """
+        ...
+
+    async def get_operation(self, operation_id: str) -> Operation | None: ...

@@ -10,7 +10,7 @@ import orjson
 from tether.core.errors import InvalidInput
 from tether.core.states import TaskState
 from tether.core.types import JSON, iso, text_message
-from tether.store.base import MAX_PAGE_SIZE
+from tether.store.base import MAX_OPERATION_ID, MAX_PAGE_SIZE
 
 
 def status_payload(
@@ -115,3 +115,8 @@ def check_artifact(artifact: JSON) -> None:
 def check_rating(rating: int) -> None:
     if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
         raise InvalidInput("rating must be an integer from 1 to 5")
+
+
+def check_operation_id(operation_id: str) -> None:
+    if not isinstance(operation_id, str) or not 0 < len(operation_id) <= MAX_OPERATION_ID:
+        raise InvalidInput(f"an operation id must be 1 to {MAX_OPERATION_ID} characters")

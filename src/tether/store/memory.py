@@ -22,11 +22,21 @@ from tether.core.errors import (
 )
 from tether.core.states import ACTIVE, CANCELABLE, TaskState, allowed_from
 from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
-from tether.store.base import Claim, ListQuery, Submitted
+from tether.store.base import (
+    WAIT_FOREVER,
+    WAIT_PREFIX,
+    Claim,
+    Completion,
+    ListQuery,
+    Operation,
+    OperationState,
+    Submitted,
+)
 from tether.store.common import (
     artifact_payload,
     check_artifact,
     check_message,
+    check_operation_id,
     check_rating,
     check_submit,
     decode_cursor,
@@ -49,6 +59,7 @@ class MemoryStore:
         # Messages of a context in the order they were stored, as SQL's messages.seq orders them.
         self._context_messages: dict[str, list[JSON]] = {}
         self.feedback: list[Feedback] = []
+        self._operations: dict[str, Operation] = {}
 
     async def start(self) -> None:
         return None
@@ -86,14 +97,21 @@ class MemoryStore:
         return self._event(task, "status", payload, task.state.terminal or task.state.interrupted)
 
     def _snapshot(self, task: TaskRecord, history_length: int | None = None) -> TaskRecord:
-        snap = replace(task, artifacts=copy.deepcopy(task.artifacts), history=list(task.history))
-        snap.history = trim_history(snap.history, history_length)
-        return snap
+        # Deep copies, in and out, as a database round trip makes them: no caller can
+        # change stored state by mutating what it passed in or got back.
+        return replace(
+            task,
+            artifacts=copy.deepcopy(task.artifacts),
+            history=copy.deepcopy(trim_history(task.history, history_length)),
+            status_message=copy.deepcopy(task.status_message),
+            metadata=copy.deepcopy(task.metadata),
+        )
 
     async def submit(
         self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
     ) -> Submitted:
         check_submit(owner, message, context_id)
+        message, metadata = copy.deepcopy(message), copy.deepcopy(metadata)
         seen = self._message_ids.get((owner, message["messageId"]))
         if seen is not None:
             return Submitted(self._snapshot(self._tasks[seen]), False, None)
@@ -117,6 +135,7 @@ class MemoryStore:
 
     async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
         check_message(message)
+        message = copy.deepcopy(message)
         seen = self._message_ids.get((owner, message["messageId"]))
         if seen is not None:
             return Submitted(self._snapshot(self._tasks[seen]), False, None)
@@ -189,6 +208,7 @@ class MemoryStore:
         self._guard(task, to, lease_owner)
         if message is not None:
             self._check_new(task.owner, message)
+            message = copy.deepcopy(message)
         return self._apply(task, to, message)
 
     def _apply(self, task: TaskRecord, to: TaskState, message: JSON | None) -> TaskEvent:
@@ -218,7 +238,7 @@ class MemoryStore:
 
     async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
         task = self._working(task_id, lease_owner)
-        task.status_message = message
+        task.status_message = copy.deepcopy(message)
         task.status_ts = now()
         return self._status_event(task)
 
@@ -232,6 +252,7 @@ class MemoryStore:
         last_chunk: bool = False,
     ) -> TaskEvent:
         check_artifact(artifact)
+        artifact = copy.deepcopy(artifact)
         task = self._working(task_id, lease_owner)
         for i, existing in enumerate(task.artifacts):
             if existing["artifactId"] == artifact["artifactId"]:
@@ -244,6 +265,16 @@ class MemoryStore:
 
     async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
         return [e for e in self._events.get(task_id, []) if e.seq > after_seq]
+
+    async def prune_events(self, finished_before: float, limit: int = 200) -> int:
+        pruned = 0
+        for task in self._tasks.values():
+            if pruned >= limit:
+                break
+            if task.state.terminal and task.status_ts < finished_before and self._events[task.id]:
+                self._events[task.id] = []
+                pruned += 1
+        return pruned
 
     async def claim(
         self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
@@ -296,3 +327,52 @@ class MemoryStore:
         check_rating(feedback.rating)
         self._task(feedback.task_id, feedback.owner)
         self.feedback.append(feedback)
+
+    # -- durable waits ---------------------------------------------------------
+
+    async def wait_operation(
+        self, task_id: str, operation_id: str, *, lease_owner: str, deadline: float | None
+    ) -> Operation:
+        check_operation_id(operation_id)
+        task = self._working(task_id, lease_owner)
+        op = self._operations.get(operation_id)
+        if op is not None and op.task_id not in (None, task_id):
+            raise InvalidInput(f"operation {operation_id} is awaited by another task")
+        if op is None:
+            op = Operation(operation_id, task_id, OperationState.PENDING, deadline=deadline)
+        else:
+            op = replace(op, task_id=task_id, deadline=op.deadline or deadline)
+        if op.state is OperationState.PENDING and op.deadline is not None and op.deadline <= now():
+            op = replace(op, state=OperationState.TIMED_OUT)
+        self._operations[operation_id] = op
+        if op.state is OperationState.PENDING:
+            task.lease_owner = WAIT_PREFIX + operation_id
+            task.lease_expires = op.deadline if op.deadline is not None else WAIT_FOREVER
+            task.attempts = 0
+        return op
+
+    async def complete_operation(
+        self, operation_id: str, *, result: object = None, error: str | None = None
+    ) -> Completion:
+        check_operation_id(operation_id)
+        state = OperationState.FAILED if error is not None else OperationState.COMPLETED
+        op = self._operations.get(operation_id)
+        if op is not None and op.state is not OperationState.PENDING:
+            return Completion(op, False, None)
+        if op is None:
+            op = Operation(operation_id, None, state, result, error)
+        else:
+            op = replace(op, state=state, result=result, error=error)
+        self._operations[operation_id] = op
+        task = self._tasks.get(op.task_id) if op.task_id is not None else None
+        if (
+            task is not None
+            and task.state in ACTIVE
+            and task.lease_owner == WAIT_PREFIX + operation_id
+        ):
+            task.lease_owner = task.lease_expires = None
+            return Completion(op, True, task.id)
+        return Completion(op, True, None)
+
+    async def get_operation(self, operation_id: str) -> Operation | None:
+        return self._operations.get(operation_id)

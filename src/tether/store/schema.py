@@ -104,6 +104,23 @@ feedback = sa.Table(
 )
 
 
+# Outcomes of external operations tasks wait on (``ctx.wait_for``), each stored once.
+# No foreign key to tasks: a completion may arrive before the wait that names its task.
+operations = sa.Table(
+    "operations",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("task_id", sa.String(64), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("result", Json, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("deadline", Ts, nullable=True),
+    sa.Column("created_at", Ts, nullable=False),
+    sa.Column("completed_at", Ts, nullable=True),
+    sa.Index("ix_operations_task", "task_id"),
+)
+
+
 def include_object(dialect: str) -> Callable[..., bool]:
     """Alembic's ``include_object`` hook: compare only what this dialect is meant to have."""
 

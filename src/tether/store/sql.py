@@ -10,9 +10,10 @@ Database errors are translated here, once: transient ones (a dropped
 connection, 40001, 40P01, 57P0x, SQLite's "database is locked") are retried with
 bounded, jittered backoff and then surface as ``StoreUnavailable``; a value the
 database refuses becomes ``InvalidInput``. A connection lost while COMMIT was in
-flight leaves the outcome unknown, so only writes that are safe to repeat are
-retried then; the others raise ``StoreUnavailable`` at once rather than risk a
-duplicate event.
+flight leaves the outcome unknown: the store then reads back whether the write
+landed (the event it wrote, at its sequence number, or the lease it took) and
+answers or retries accordingly, so a lost acknowledgement never duplicates an
+event; a write it cannot check raises ``StoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import sqlalchemy as sa
@@ -46,13 +47,23 @@ from tether.core.errors import (
     TetherError,
     UnsupportedOperation,
 )
-from tether.core.states import ACTIVE, TaskState, allowed_from
+from tether.core.states import ACTIVE, TERMINAL, TaskState, allowed_from
 from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
-from tether.store.base import Claim, ListQuery, Submitted
+from tether.store.base import (
+    WAIT_FOREVER,
+    WAIT_PREFIX,
+    Claim,
+    Completion,
+    ListQuery,
+    Operation,
+    OperationState,
+    Submitted,
+)
 from tether.store.common import (
     artifact_payload,
     check_artifact,
     check_message,
+    check_operation_id,
     check_rating,
     check_submit,
     decode_cursor,
@@ -64,26 +75,47 @@ from tether.store.common import (
     status_payload,
     trim_history,
 )
-from tether.store.schema import artifacts, contexts, events, feedback, messages, tasks
+from tether.store.schema import (
+    artifacts,
+    contexts,
+    events,
+    feedback,
+    messages,
+    operations,
+    tasks,
+)
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
 Op = Callable[[AsyncConnection], Awaitable[T]]
+Verify = Callable[[AsyncConnection, T], Awaitable[bool]]
 
 _ACTIVE = [s.value for s in ACTIVE]
+_TERMINAL = [s.value for s in TERMINAL]
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def _bad_value(exc: sa_exc.DBAPIError) -> bool:
+    # asyncpg's data exceptions reach SQLAlchemy as a plain DBAPIError: class 22 says it.
+    code = _sqlstate(exc)
+    return isinstance(exc, sa_exc.DataError) or (code is not None and code.startswith("22"))
+
+
 def _transient(exc: sa_exc.DBAPIError) -> bool:
     if exc.connection_invalidated:
         return True
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    code = _sqlstate(exc)
     # 40001 serialization failure, 40P01 deadlock, 08xxx connection, 57P0x shutdown
     # (57014, a cancelled statement, is a timeout: retrying it only adds load).
-    if isinstance(code, str):
+    if code is not None:
         return code in ("40001", "40P01") or code[:2] == "08" or code[:4] == "57P0"
     text = str(exc.orig).lower()
     return any(
@@ -105,12 +137,17 @@ def _unavailable(message: str, cause: BaseException, *, retryable: bool = True) 
     return err
 
 
+def _checking(verify: Verify[T], result: T) -> Op[bool]:
+    return lambda conn: verify(conn, result)
+
+
 class _CommitUnknown(Exception):
     """The connection broke while COMMIT was in flight: the write may or may not be stored."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, result: object) -> None:
         super().__init__(str(cause))
         self.cause = cause
+        self.result = result  # what the transaction would have returned, had it committed
 
 
 class SqlStore:
@@ -151,7 +188,12 @@ class SqlStore:
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
-            sa_event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            busy_ms = int(command_timeout * 1000)
+            sa_event.listen(
+                self.engine.sync_engine,
+                "connect",
+                lambda dbapi_conn, _rec: _sqlite_pragmas(dbapi_conn, busy_ms),
+            )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -192,9 +234,17 @@ class SqlStore:
 
     # -- transactions ------------------------------------------------------
 
-    async def _retrying(self, op: Callable[[], Awaitable[T]], *, idempotent: bool = True) -> T:
+    async def _retrying(
+        self,
+        op: Callable[[], Awaitable[T]],
+        *,
+        idempotent: bool = True,
+        verify: Verify[T] | None = None,
+    ) -> T:
         """Run ``op`` until it succeeds, retrying transient failures a bounded number of times.
 
+        After a commit of unknown outcome, ``verify`` (given what ``op`` returned) says
+        whether it landed; without it only an ``idempotent`` op is run again.
         ``IntegrityError`` passes through untranslated: the caller decides what a
         conflict means (see ``_write``).
         """
@@ -206,16 +256,29 @@ class SqlStore:
             except (TetherError, sa_exc.IntegrityError):
                 raise
             except _CommitUnknown as exc:
-                if not idempotent:
+                cause = exc.cause
+                if verify is not None:
+                    result = cast(T, exc.result)
+                    try:
+                        landed = await self._read(_checking(verify, result))
+                    except StoreUnavailable as unknown:
+                        raise _unavailable(
+                            "database connection lost while committing; the write may or may "
+                            "not have been applied",
+                            cause,
+                        ) from unknown
+                    if landed:
+                        return result
+                    log.info("commit did not land, running the write again: %s", _reason(cause))
+                elif not idempotent:
                     raise _unavailable(
                         "database connection lost while committing; the write may or may not "
                         "have been applied",
-                        exc.cause,
-                    ) from exc.cause
-                cause = exc.cause
-            except sa_exc.DataError as exc:
-                raise InvalidInput(f"the database refused a value: {_reason(exc)}") from exc
+                        cause,
+                    ) from cause
             except sa_exc.DBAPIError as exc:
+                if _bad_value(exc):
+                    raise InvalidInput(f"the database refused a value: {_reason(exc)}") from exc
                 if not _transient(exc):
                     raise _unavailable("database error", exc, retryable=False) from exc
                 cause = exc
@@ -248,7 +311,7 @@ class SqlStore:
             try:
                 await conn.commit()
             except Exception as exc:
-                raise _CommitUnknown(exc) from exc
+                raise _CommitUnknown(exc, result) from exc
             return result
 
     async def _write(
@@ -256,9 +319,11 @@ class SqlStore:
         op: Op[T],
         *,
         idempotent: bool = False,
+        verify: Verify[T] | None = None,
         on_conflict: Callable[[], Awaitable[T]] | None = None,
     ) -> T:
-        """One transaction. ``idempotent``: repeating ``op`` after an unknown commit is safe.
+        """One transaction. ``idempotent``: repeating ``op`` after an unknown commit is safe;
+        ``verify``: how to tell whether such a commit landed (see ``_retrying``).
 
         ``on_conflict`` answers a unique-constraint race lost to a concurrent writer;
         without it a conflict is the caller's bad input.
@@ -271,7 +336,7 @@ class SqlStore:
                 return await self._transaction(op)
 
         try:
-            return await self._retrying(once, idempotent=idempotent)
+            return await self._retrying(once, idempotent=idempotent, verify=verify)
         except sa_exc.IntegrityError as exc:
             if on_conflict is None:
                 raise InvalidInput(f"conflicts with stored data: {_reason(exc)}") from exc
@@ -283,6 +348,28 @@ class SqlStore:
                 return await op(conn)
 
         return await self._retrying(once)
+
+    @staticmethod
+    async def _logged(conn: AsyncConnection, written: Sequence[TaskEvent]) -> bool:
+        """True when each event is stored as written: its commit landed.
+
+        A sequence number is taken under the task's row lock, so if the lost commit did
+        not land no other writer can have stored this very payload at that number.
+        """
+        for event in written:
+            row = (
+                await conn.execute(
+                    sa.select(events.c.kind, events.c.payload).where(
+                        events.c.task_id == event.task_id, events.c.seq == event.seq
+                    )
+                )
+            ).first()
+            if row is None or (row.kind, row.payload) != (event.kind, event.payload):
+                return False
+        return True
+
+    async def _event_landed(self, conn: AsyncConnection, event: TaskEvent) -> bool:
+        return await self._logged(conn, [event])
 
     # -- building blocks ----------------------------------------------------
 
@@ -538,6 +625,9 @@ class SqlStore:
             await self._message(conn, owner, stamp(message, task_id, row.context_id))
             return Submitted(await self._load(conn, task_id, owner), True, event)
 
+        async def landed(conn: AsyncConnection, sub: Submitted) -> bool:
+            return sub.event is not None and await self._logged(conn, [sub.event])
+
         async def raced() -> Submitted:
             async def existing(conn: AsyncConnection) -> Submitted:
                 seen = await self._seen(conn, owner, message["messageId"])
@@ -547,7 +637,7 @@ class SqlStore:
 
             return await self._read(existing)
 
-        return await self._write(op, idempotent=True, on_conflict=raced)
+        return await self._write(op, verify=landed, on_conflict=raced)
 
     async def get_task(
         self, owner: str | None, task_id: str, history_length: int | None = None
@@ -623,7 +713,8 @@ class SqlStore:
         if message is not None:
             check_message(message)
         return await self._write(
-            lambda conn: self._set_state(conn, task_id, to, message, lease_owner=lease_owner)
+            lambda conn: self._set_state(conn, task_id, to, message, lease_owner=lease_owner),
+            verify=self._event_landed,
         )
 
     async def cancel(self, owner: str, task_id: str) -> TaskEvent:
@@ -633,7 +724,7 @@ class SqlStore:
             except InvalidTransition as exc:
                 raise TaskNotCancelable(task_id, exc.current, TaskState.CANCELED) from None
 
-        return await self._write(op)
+        return await self._write(op, verify=self._event_landed)
 
     async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
         async def op(conn: AsyncConnection) -> TaskEvent:
@@ -649,7 +740,7 @@ class SqlStore:
             payload = status_payload(task_id, context_id, TaskState.WORKING, message, ts)
             return await self._event(conn, task_id, seq, "status", payload, False)
 
-        return await self._write(op)
+        return await self._write(op, verify=self._event_landed)
 
     async def add_artifact(
         self,
@@ -698,10 +789,29 @@ class SqlStore:
             payload = artifact_payload(task_id, context_id, artifact, append, last_chunk)
             return await self._event(conn, task_id, seq, "artifact", payload, False)
 
-        return await self._write(op)
+        return await self._write(op, verify=self._event_landed)
 
     async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
         return await self._read(lambda conn: self._events(conn, task_id, after_seq))
+
+    async def prune_events(self, finished_before: float, limit: int = 200) -> int:
+        async def op(conn: AsyncConnection) -> int:
+            q = (
+                sa.select(tasks.c.id)
+                .where(
+                    tasks.c.state.in_(_TERMINAL),
+                    tasks.c.status_ts < finished_before,
+                    sa.exists().where(events.c.task_id == tasks.c.id),
+                )
+                .limit(limit)
+            )
+            ids = [r[0] for r in await conn.execute(q)]
+            if ids:
+                await conn.execute(sa.delete(events).where(events.c.task_id.in_(ids)))
+            return len(ids)
+
+        # Deleting what is already deleted changes nothing: safe to repeat.
+        return await self._write(op, idempotent=True)
 
     async def _events(
         self, conn: AsyncConnection, task_id: str, after_seq: int, limit: int | None = None
@@ -753,7 +863,23 @@ class SqlStore:
                 )
             return Claim(await self._load(conn, task_id, None), written)
 
-        return await self._write(op)
+        async def landed(conn: AsyncConnection, claim: Claim | None) -> bool:
+            if claim is None:
+                return True  # nothing was written
+            if claim.task is not None:
+                # The expiry is this attempt's own clock reading: no other claim wrote it.
+                lease = (
+                    await conn.execute(
+                        sa.select(tasks.c.lease_owner, tasks.c.lease_expires).where(
+                            tasks.c.id == task_id
+                        )
+                    )
+                ).first()
+                if lease is None or tuple(lease) != (worker, claim.task.lease_expires):
+                    return False
+            return await self._logged(conn, claim.events)
+
+        return await self._write(op, verify=landed)
 
     async def renew(self, worker: str, task_ids: list[str], *, lease_seconds: float) -> set[str]:
         if not task_ids:
@@ -798,6 +924,8 @@ class SqlStore:
     async def add_feedback(self, fb: Feedback) -> None:
         check_rating(fb.rating)
 
+        ts = now()
+
         async def op(conn: AsyncConnection) -> None:
             q = sa.select(tasks.c.id).where(tasks.c.id == fb.task_id, tasks.c.owner == fb.owner)
             if (await conn.execute(q)).first() is None:
@@ -809,11 +937,182 @@ class SqlStore:
                     rating=fb.rating,
                     text=fb.text,
                     metadata=fb.metadata,
-                    created_at=now(),
+                    created_at=ts,
                 )
             )
 
-        await self._write(op)
+        async def landed(conn: AsyncConnection, _: None) -> bool:
+            q = sa.select(feedback.c.id).where(
+                feedback.c.task_id == fb.task_id,
+                feedback.c.owner == fb.owner,
+                feedback.c.created_at == ts,
+            )
+            return (await conn.execute(q)).first() is not None
+
+        await self._write(op, verify=landed)
+
+    # -- durable waits ---------------------------------------------------------
+
+    async def wait_operation(
+        self, task_id: str, operation_id: str, *, lease_owner: str, deadline: float | None
+    ) -> Operation:
+        check_operation_id(operation_id)
+
+        async def op(conn: AsyncConnection) -> Operation:
+            t = now()
+            await conn.execute(
+                self._insert(operations)
+                .values(
+                    id=operation_id,
+                    task_id=task_id,
+                    state=OperationState.PENDING.value,
+                    deadline=deadline,
+                    created_at=t,
+                )
+                .on_conflict_do_nothing()
+            )
+            # The row lock orders this wait against a concurrent completion: either the
+            # completion sees the task parked and releases it, or this sees it completed.
+            row = (
+                await conn.execute(
+                    sa.select(operations).where(operations.c.id == operation_id).with_for_update()
+                )
+            ).one()
+            current = _operation(row)
+            if current.task_id not in (None, task_id):
+                raise InvalidInput(f"operation {operation_id} is awaited by another task")
+            values: dict[str, Any] = {}
+            if current.task_id is None:
+                values["task_id"] = task_id
+            if current.deadline is None and deadline is not None:
+                values["deadline"] = deadline
+            waiting_until = current.deadline if current.deadline is not None else deadline
+            timed_out = (
+                current.state is OperationState.PENDING
+                and waiting_until is not None
+                and waiting_until <= t
+            )
+            if timed_out:
+                values.update(state=OperationState.TIMED_OUT.value, completed_at=t)
+            if values:
+                await conn.execute(
+                    sa.update(operations).where(operations.c.id == operation_id).values(**values)
+                )
+                row = (
+                    await conn.execute(sa.select(operations).where(operations.c.id == operation_id))
+                ).one()
+                current = _operation(row)
+            if current.state is not OperationState.PENDING:
+                return current
+            parked = (
+                await conn.execute(
+                    sa.update(tasks)
+                    .where(
+                        tasks.c.id == task_id,
+                        tasks.c.state == TaskState.WORKING.value,
+                        tasks.c.lease_owner == lease_owner,
+                    )
+                    .values(
+                        lease_owner=WAIT_PREFIX + operation_id,
+                        lease_expires=waiting_until if waiting_until is not None else WAIT_FOREVER,
+                        attempts=0,
+                    )
+                    .returning(tasks.c.id)
+                )
+            ).first()
+            if parked is None:
+                found = (
+                    await conn.execute(sa.select(tasks.c.state).where(tasks.c.id == task_id))
+                ).first()
+                if found is None:
+                    raise TaskNotFound(task_id)
+                if found.state != TaskState.WORKING.value:
+                    raise InvalidTransition(task_id, TaskState(found.state), TaskState.WORKING)
+                raise LeaseLost(f"Task {task_id}: lease held by another worker")
+            return current
+
+        return await self._write(op)
+
+    async def complete_operation(
+        self, operation_id: str, *, result: Any = None, error: str | None = None
+    ) -> Completion:
+        check_operation_id(operation_id)
+        state = OperationState.FAILED if error is not None else OperationState.COMPLETED
+
+        async def op(conn: AsyncConnection) -> Completion:
+            t = now()
+            inserted = (
+                await conn.execute(
+                    self._insert(operations)
+                    .values(
+                        id=operation_id,
+                        state=state.value,
+                        result=result,
+                        error=error,
+                        created_at=t,
+                        completed_at=t,
+                    )
+                    .on_conflict_do_nothing()
+                    .returning(operations.c.id)
+                )
+            ).first()
+            if inserted is not None:
+                return Completion(Operation(operation_id, None, state, result, error), True, None)
+            row = (
+                await conn.execute(
+                    sa.update(operations)
+                    .where(
+                        operations.c.id == operation_id,
+                        operations.c.state == OperationState.PENDING.value,
+                    )
+                    .values(state=state.value, result=result, error=error, completed_at=t)
+                    .returning(*operations.c)
+                )
+            ).first()
+            if row is None:
+                current = (
+                    await conn.execute(sa.select(operations).where(operations.c.id == operation_id))
+                ).one()
+                return Completion(_operation(current), False, None)
+            done = _operation(row)
+            if done.task_id is None:
+                return Completion(done, True, None)
+            released = (
+                await conn.execute(
+                    sa.update(tasks)
+                    .where(
+                        tasks.c.id == done.task_id,
+                        tasks.c.state.in_(_ACTIVE),
+                        tasks.c.lease_owner == WAIT_PREFIX + operation_id,
+                    )
+                    .values(lease_owner=None, lease_expires=None)
+                    .returning(tasks.c.id)
+                )
+            ).first()
+            return Completion(done, True, None if released is None else str(released[0]))
+
+        # Repeating it after a lost commit finds the operation ended: a no-op.
+        return await self._write(op, idempotent=True)
+
+    async def get_operation(self, operation_id: str) -> Operation | None:
+        async def op(conn: AsyncConnection) -> Operation | None:
+            q = sa.select(operations).where(operations.c.id == operation_id)
+            row = (await conn.execute(q)).first()
+            return None if row is None else _operation(row)
+
+        return await self._read(op)
+
+
+def _operation(row: sa.Row[Any]) -> Operation:
+    m = row._mapping
+    return Operation(
+        id=m["id"],
+        task_id=m["task_id"],
+        state=OperationState(m["state"]),
+        result=m["result"],
+        error=m["error"],
+        deadline=m["deadline"],
+    )
 
 
 def _record(row: sa.Row[Any]) -> TaskRecord:
@@ -835,12 +1134,12 @@ def _record(row: sa.Row[Any]) -> TaskRecord:
     )
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
     cur = dbapi_conn.cursor()
     # WAL + NORMAL: durable at checkpoints, no fsync per commit; a crash of the
     # process loses nothing, a power cut may lose the last commits.
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
     cur.close()

@@ -1,0 +1,191 @@
+"""One process's backends, chosen from ``Settings``, and the ``tether worker`` process.
+
+``TETHER_BROKER_URL=local`` (the default) is the embedded deployment: an
+in-process queue and event bus, so the API and its workers share one process.
+``redis://…`` is the scaled-out one: the queue, the live events, cancels and
+completions go through Redis, so any number of API processes (``serve
+--workers 0``) and worker processes (``tether worker``) share one PostgreSQL
+database and one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tether.broker.base import Broker
+from tether.broker.local import LocalBroker
+from tether.config import Settings
+from tether.core.errors import InvalidInput
+from tether.events.base import EventBus
+from tether.events.local import LocalEventBus
+from tether.runtime.agent import Agent
+from tether.runtime.completions import (
+    CompletionConsumer,
+    apply_completion,
+    publish_operation_complete,
+)
+from tether.runtime.worker import Runtime
+from tether.store import open_store
+from tether.store.base import TaskStore
+
+log = logging.getLogger("tether.worker")
+
+Complete = Callable[[str, Any, str | None], Awaitable[dict[str, Any]]]
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def uses_redis(settings: Settings) -> bool:
+    url = settings.broker_url.strip()
+    if url in ("", "local"):
+        return False
+    if url.startswith(_REDIS_SCHEMES):
+        return True
+    raise InvalidInput(f"TETHER_BROKER_URL={url!r}: use 'local' or a redis:// URL")
+
+
+def default_worker_id() -> str:
+    from tether.broker.redis import default_consumer
+
+    return default_consumer()
+
+
+def open_broker(settings: Settings, worker_id: str) -> Broker:
+    if not uses_redis(settings):
+        return LocalBroker()
+    from tether.broker.redis import RedisBroker
+
+    # An entry idle past the lease belonged to a worker that stopped heartbeating.
+    return RedisBroker(
+        settings.broker_url,
+        prefix=settings.redis_prefix,
+        consumer=worker_id,
+        reclaim_idle=settings.lease_seconds,
+        max_deliveries=settings.max_deliveries,
+    )
+
+
+def open_bus(settings: Settings) -> EventBus:
+    if not uses_redis(settings):
+        return LocalEventBus(subscriber_limit=settings.sse_buffer)
+    from tether.events.redis import RedisEventBus
+
+    return RedisEventBus(
+        settings.broker_url,
+        prefix=settings.redis_prefix,
+        maxlen=settings.events_maxlen,
+        ttl=settings.events_ttl,
+        subscriber_limit=settings.sse_buffer,
+    )
+
+
+def make_runtime(
+    agent: Agent,
+    settings: Settings,
+    store: TaskStore,
+    broker: Broker,
+    bus: EventBus,
+    worker_id: str,
+) -> Runtime:
+    completions = None
+    if uses_redis(settings):
+        completions = CompletionConsumer(
+            store,
+            broker,
+            url=settings.broker_url,
+            prefix=settings.redis_prefix,
+            consumer=worker_id,
+            claim_idle=settings.completion_claim_idle,
+            max_deliveries=settings.completion_max_deliveries,
+        )
+    return Runtime(
+        agent,
+        store,
+        broker,
+        bus,
+        concurrency=settings.workers,
+        lease_seconds=settings.lease_seconds,
+        worker_id=worker_id,
+        completions=completions,
+        secret=settings.secret,
+        public_url=settings.public_url,
+    )
+
+
+def completer(settings: Settings, store: TaskStore, broker: Broker) -> Complete:
+    """How the API's HTTP callback completes an operation in this deployment."""
+    if uses_redis(settings):
+        # Through the stream, like every completion: the consumer group stores it once.
+        async def publish(operation_id: str, result: Any, error: str | None) -> dict[str, Any]:
+            client = getattr(broker, "redis", None)
+            entry = await publish_operation_complete(
+                operation_id,
+                result,
+                error=error,
+                redis_url=settings.broker_url,
+                prefix=settings.redis_prefix,
+                client=client,
+            )
+            return {"operationId": operation_id, "accepted": True, "entry": entry}
+
+        return publish
+
+    async def direct(operation_id: str, result: Any, error: str | None) -> dict[str, Any]:
+        # Embedded: no consumer group to go through; store it and queue the task here.
+        done = await apply_completion(store, broker, operation_id, result, error)
+        return {
+            "operationId": operation_id,
+            "accepted": True,
+            "state": done.operation.state.value,
+            "duplicate": not done.changed,
+        }
+
+    return direct
+
+
+async def run_worker(agent: Agent, settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """``tether worker``: run the agent's handlers until SIGTERM/SIGINT (or ``stop``)."""
+    if not uses_redis(settings):
+        raise InvalidInput(
+            "a worker process needs a shared broker: set TETHER_BROKER_URL=redis://… "
+            "(and TETHER_DATABASE_URL to the API's PostgreSQL database)"
+        )
+    if settings.workers < 1:
+        raise InvalidInput("a worker process needs --concurrency of at least 1")
+    _ = agent.fn
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    worker_id = default_worker_id()
+    store = open_store(settings.database_url)
+    broker = open_broker(settings, worker_id)
+    bus = open_bus(settings)
+    runtime = make_runtime(agent, settings, store, broker, bus, worker_id)
+    await store.start()
+    try:
+        await bus.start()
+        await broker.start()
+        await runtime.start()
+        log.info(
+            "worker %s running %r: %d slot(s), lease %.1fs, broker %s",
+            worker_id,
+            agent.name,
+            settings.workers,
+            settings.lease_seconds,
+            settings.broker_url,
+        )
+        await stop.wait()
+        log.info("worker %s stopping: %d task(s) running", worker_id, runtime.running)
+        await runtime.stop(settings.shutdown_grace)
+    finally:
+        await broker.close()
+        await bus.close()
+        await store.close()
+        log.info("worker %s stopped", worker_id)

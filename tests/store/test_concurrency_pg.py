@@ -1,0 +1,129 @@
+"""Compare-and-set under real contention: 8 OS processes on shared PostgreSQL rows."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import queue
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from storekit import OWNER, S, cas_process, new_task, truncate
+
+from tether.core.states import TaskState, can_transition
+from tether.store.schema import events, messages
+from tether.store.sql import SqlStore
+
+pytestmark = pytest.mark.postgres
+
+PROCESSES = 8
+ATTEMPTS = 200
+TASKS = 4  # few rows, so that the processes collide on nearly every attempt
+DEADLINE = 240.0
+
+
+async def setup(url: str) -> list[str]:
+    store = SqlStore(url, run_migrations=False)
+    await store.start()
+    try:
+        await truncate(store.engine)
+        return [(await new_task(store, text=f"shared {i}")).id for i in range(TASKS)]
+    finally:
+        await store.close()
+
+
+async def load(url: str, task_ids: list[str]) -> dict[str, Any]:
+    store = SqlStore(url, run_migrations=False)
+    await store.start()
+    try:
+        out: dict[str, Any] = {}
+        async with store.engine.connect() as conn:
+            for task_id in task_ids:
+                rows = (
+                    await conn.execute(
+                        sa.select(events.c.seq, events.c.payload)
+                        .where(events.c.task_id == task_id)
+                        .order_by(events.c.seq)
+                    )
+                ).all()
+                n_messages = (
+                    await conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(messages)
+                        .where(messages.c.task_id == task_id)
+                    )
+                ).scalar_one()
+                out[task_id] = {
+                    "task": await store.get_task(OWNER, task_id, history_length=0),
+                    "events": [(r.seq, r.payload) for r in rows],
+                    "messages": n_messages,
+                }
+        return out
+    finally:
+        await store.close()
+
+
+def test_processes_contend_for_transitions(migrated_postgres_url: str) -> None:
+    url = migrated_postgres_url
+    task_ids = asyncio.run(setup(url))
+
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    results: Any = ctx.Queue()
+    procs = [
+        ctx.Process(target=cas_process, args=(url, task_ids, i, ATTEMPTS, start, results))
+        for i in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    reports = []
+    try:
+        start.set()
+        for _ in procs:
+            reports.append(results.get(timeout=DEADLINE))
+    except queue.Empty:
+        pytest.fail(f"only {len(reports)} of {PROCESSES} processes reported in {DEADLINE}s")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+
+    errors = [e for _, _, _, errs in reports for e in errs]
+    assert errors == []
+    wins = [w for _, ws, _, _ in reports for w in ws]
+    losses = sum(n for _, _, n, _ in reports)
+    assert len(wins) + losses == PROCESSES * ATTEMPTS
+    assert losses > 0, "no contention: the test proves nothing"
+
+    stored = asyncio.run(load(url, task_ids))
+    wins_by_task: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
+    for win in wins:
+        wins_by_task[win[0]].append(win)
+    for task_id in task_ids:
+        got = stored[task_id]
+        seqs = [seq for seq, _ in got["events"]]
+        task = got["task"]
+        # Gap-free, duplicate-free, and the row's counter agrees with the log.
+        assert seqs == list(range(1, task.last_seq + 1))
+        assert len(seqs) == 1 + len(wins_by_task[task_id])
+        assert task.version == len(wins_by_task[task_id])
+        assert got["messages"] == 1 + len(wins_by_task[task_id])
+
+        states = [TaskState.from_wire(p["status"]["state"]) for _, p in got["events"]]
+        assert states[0] is S.SUBMITTED
+        for before, after in itertools.pairwise(states):
+            assert can_transition(before, after), (before, after)
+        assert states[-1] is task.state
+
+        # Every event after the first is one winner's message, and every winner has one.
+        logged = [p["status"]["message"]["messageId"] for _, p in got["events"][1:]]
+        assert Counter(logged) == Counter(w[1] for w in wins_by_task[task_id])
+        by_message = {w[1]: w for w in wins_by_task[task_id]}
+        for (_, payload), before in zip(got["events"][1:], states[:-1], strict=True):
+            _, _, frm, to = by_message[payload["status"]["message"]["messageId"]]
+            assert (frm, to) == (before.value, TaskState.from_wire(payload["status"]["state"]))

@@ -134,7 +134,7 @@ class RedisBroker:
         self.reclaim_idle = reclaim_idle
         self.max_deliveries = max_deliveries
         self._block = max(0.05, min(block, reclaim_idle / 2))
-        self._reclaim_every = max(0.05, min(reclaim_idle / 2, 5.0))
+        self._reclaim_every = max(0.05, min(reclaim_idle / 3, 5.0))
         self._dead_maxlen = dead_maxlen
         self._owns_client = client is None
         self.redis = client if client is not None else connect(url)

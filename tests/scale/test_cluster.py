@@ -270,7 +270,10 @@ async def test_a_cancel_survives_a_worker_restart(
 
         async def drained() -> bool:
             pending = await client.xpending(f"{cluster.prefix}:queue", "workers")
-            return int(pending["pending"]) == 0 and int(await client.xlen(f"{cluster.prefix}:queue")) == 0
+            return (
+                int(pending["pending"]) == 0
+                and int(await client.xlen(f"{cluster.prefix}:queue")) == 0
+            )
 
         # The dead worker's entry is reclaimed after the lease, and acknowledged unrun.
         await until(drained, "both entries to be settled", LEASE + 30.0)
@@ -288,16 +291,13 @@ async def test_completions_resume_waiting_tasks_across_processes(
     workers = [await cluster.worker("worker-a"), await cluster.worker("worker-b")]
     pids = {str(w.pid) for w in workers}
     by_function, by_http, failing, timing_out, duplicated = [
-        await submit(http, api1.url, text)
-        for text in ("wait", "wait", "wait", "wait 2", "wait")
+        await submit(http, api1.url, text) for text in ("wait", "wait", "wait", "wait 2", "wait")
     ]
     waiting = [by_function, by_http, failing, timing_out, duplicated]
 
     async def parked() -> bool:
         async with db.engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(tasks.c.lease_owner).where(tasks.c.id.in_(waiting))
-            )
+            rows = await conn.execute(sa.select(tasks.c.lease_owner).where(tasks.c.id.in_(waiting)))
             return all((r.lease_owner or "").startswith("wait:") for r in rows)
 
     await until(parked, "every task to wait", 30.0)
@@ -319,7 +319,9 @@ async def test_completions_resume_waiting_tasks_across_processes(
         headers={"X-Tether-Token": sign("not-the-secret", op(failing))},
     )
     assert forged.status_code == 403
-    await publish_operation_complete(op(failing), error="denied", redis_url=REDIS_URL, prefix=prefix)
+    await publish_operation_complete(
+        op(failing), error="denied", redis_url=REDIS_URL, prefix=prefix
+    )
     await publish_operation_complete(op(duplicated), "first", redis_url=REDIS_URL, prefix=prefix)
     await publish_operation_complete(op(duplicated), "second", redis_url=REDIS_URL, prefix=prefix)
     # A poison message on the same stream is dead-lettered, and stops nothing.

@@ -201,7 +201,7 @@ async def test_poison_messages_end_in_the_dead_letter_stream(
     too_long = "y" * 300
     await raw_redis.xadd(stream, {"op": too_long, "data": orjson.dumps({"result": 1})})
     # A good one between them still goes through.
-    task, op = await parked(store)
+    _, op = await parked(store)
     await publish_operation_complete(op, "fine", redis_url=REDIS_URL, prefix=redis_prefix)
 
     async def both_dead() -> bool:

@@ -96,8 +96,7 @@ async def test_a_redis_restart_loses_no_task_and_everything_recovers(
     cluster: Cluster, db: SqlStore, redis_guard: None
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
-    await cluster.worker("worker-a")
-    await cluster.worker("worker-b")
+    workers = [await cluster.worker("worker-a"), await cluster.worker("worker-b")]
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
         in_flight = [await submit(http, api1.url, "tick 15 0.2") for _ in range(10)]
         waiting = await submit(http, api2.url, "wait")
@@ -133,6 +132,19 @@ async def test_a_redis_restart_loses_no_task_and_everything_recovers(
             await wait_redis(up=False)
             # Submitted while Redis is away: stored, so accepted; queued once it is back.
             during = [await submit(http, api1.url, "quick") for _ in range(10)]
+
+            async def noticed() -> bool:
+                # Long enough for each part to have run into the outage, and no longer:
+                # the queue consumers, the completion consumers, the event publishers
+                # (events buffered), and the API's live event subscription.
+                seen = [
+                    f"{part}: Redis unavailable" in w.output()
+                    for w in workers
+                    for part in ("broker", "completion consumer", "event publisher")
+                ]
+                return all(seen) and "event subscriber: Redis unavailable" in api2.output()
+
+            await until(noticed, "every part to notice the outage", 10.0)
         finally:
             start_redis()
         await wait_redis(up=True)
@@ -185,3 +197,6 @@ async def test_a_redis_restart_loses_no_task_and_everything_recovers(
     for task_id in during:
         logged = [e.seq for e in await db.events_after(task_id, 0)]
         assert logged == [1, 2, 3]
+    assert "stored but not queued yet" in api1.output()
+    for worker in workers:
+        assert "Redis is back" in worker.output()

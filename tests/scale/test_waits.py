@@ -223,7 +223,9 @@ async def submit(rt: Runtime, text: str) -> str:
     return sub.task.id
 
 
-async def until(rt: Runtime, task_id: str, check: Callable[[Any], bool], within: float = WAIT) -> Any:
+async def until(
+    rt: Runtime, task_id: str, check: Callable[[Any], bool], within: float = WAIT
+) -> Any:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while True:

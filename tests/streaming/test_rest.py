@@ -223,6 +223,8 @@ async def test_wrong_method_and_version(http: httpx.AsyncClient) -> None:
         assert response.status_code == 405 and response.headers["allow"] == "GET"
         old = await http.get(f"{server.url}/tasks", headers={"A2A-Version": "0.3"})
         error_of(old, 400, "VERSION_NOT_SUPPORTED")
+        future = await http.get(f"{server.url}/tasks", headers={"A2A-Version": "2.0"})
+        error_of(future, 400, "VERSION_NOT_SUPPORTED")
         ok = await http.get(f"{server.url}/tasks", headers={"A2A-Version": "1.0"})
         assert ok.status_code == 200
 

@@ -185,6 +185,8 @@ class RedisEventBus:
         self._dropped = 0
         self._want_changed = asyncio.Event()
         self._catching_up: set[str] = set()
+        # Channels Redis confirmed this connection is subscribed to.
+        self._confirmed: set[str] = set()
         self._catch_up_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -318,6 +320,11 @@ class RedisEventBus:
         channel = self._channels.get(task_id)
         if channel is None:
             channel = self._channels[task_id] = _Channel(self._limit)
+            if self._channel_name(task_id) in self._confirmed:
+                # Still subscribed (its last subscriber just left, the UNSUBSCRIBE not
+                # sent): no confirmation will come, so read the stream's tail now.
+                self._catching_up.add(task_id)
+                self._catch_up_ready.set()
             self._want_changed.set()
         channel.subs.add(sub)
         return sub
@@ -370,6 +377,7 @@ class RedisEventBus:
                 with contextlib.suppress(BaseException):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             # Every channel starts over: its events are read again from the stream.
+            self._confirmed.clear()
             for channel in self._channels.values():
                 channel.live = False
             await backoff.wait()
@@ -401,7 +409,11 @@ class RedisEventBus:
     async def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         name = _text(message.get("channel"))
+        if kind == "unsubscribe":
+            self._confirmed.discard(name)
+            return
         if kind == "subscribe":
+            self._confirmed.add(name)
             # A new channel, or redis-py's own resubscription after a reconnect: either
             # way events may have gone by unheard, and the stream has them.
             task_id = self._task_of(name)

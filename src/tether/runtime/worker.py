@@ -171,9 +171,10 @@ class Runtime:
             # After the renewal: an entry idle past the lease then always has an expired lease.
             touch = [self._deliveries[t] for t in held if t in self._deliveries]
             try:
-                await self.broker.touch(touch)
-            except TetherError as exc:
-                log.debug("queue heartbeat failed: %s", exc)
+                # Bounded: a hung queue must not delay the next lease renewal.
+                await asyncio.wait_for(self.broker.touch(touch), self.lease_seconds / 3)
+            except (TetherError, TimeoutError) as exc:
+                log.debug("queue heartbeat failed: %r", exc)
 
     async def _redrive(self) -> None:
         """The store is the outbox: queue every runnable task without a live lease."""
@@ -229,7 +230,9 @@ class Runtime:
         try:
             await self.broker.release(delivery)
         except TetherError as exc:
-            log.warning("could not hand task %s back (it will be reclaimed): %s", delivery, exc)
+            log.warning(
+                "could not hand task %s back (it will be reclaimed): %s", delivery.task_id, exc
+            )
 
     async def _run(self, delivery: Delivery) -> None:
         task_id = delivery.task_id
@@ -402,4 +405,6 @@ class Runtime:
         try:
             await self.broker.release(delivery)
         except TetherError as exc:
-            log.warning("task %s not queued for its retry (the re-drive will): %s", delivery, exc)
+            log.warning(
+                "task %s not queued for its retry (the re-drive will): %s", delivery.task_id, exc
+            )

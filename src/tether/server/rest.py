@@ -36,7 +36,7 @@ from tether.protocol.errors import (
 from tether.protocol.models import TaskIdParams, parse
 from tether.protocol.wire import task_json
 from tether.server.auth import Unauthenticated, principal
-from tether.server.jsonrpc import V10, list_query, send_request
+from tether.server.jsonrpc import V03, V10, list_query, negotiate, send_request
 from tether.server.service import TaskService
 from tether.server.sse import event_stream, resume_point
 
@@ -93,13 +93,10 @@ def _json(body: Any) -> Response:
 
 def _check_version(request: Request) -> None:
     """This binding speaks A2A 1.0 (0.3's REST paths differ); 0.3 clients use JSON-RPC."""
-    raw = request.headers.get("a2a-version") or request.query_params.get("A2A-Version") or ""
-    raw = raw.strip()
-    if raw and ".".join(raw.split(".")[:2]) != V10:
+    if negotiate(request, "") == V03:
         raise A2AError(
             VERSION_NOT_SUPPORTED,
-            f"A2A version {raw} is not supported by the HTTP+JSON binding; use 1.0 "
-            "(or JSON-RPC at POST / for 0.3)",
+            "A2A 0.3 is served by the JSON-RPC binding (POST /); this binding speaks 1.0",
             {"supportedVersions": V10},
         )
 

@@ -75,6 +75,7 @@ from tether.store.common import (
     status_payload,
     trim_history,
 )
+from tether.store import sqlite_inline
 from tether.store.schema import (
     artifacts,
     contexts,
@@ -173,7 +174,8 @@ class SqlStore:
         if self.dialect == "sqlite":
             # One writer at a time in-process; WAL lets readers go on meanwhile.
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
-            kwargs["connect_args"] = {"timeout": command_timeout}
+            path = make_url(url).database or ":memory:"
+            kwargs["async_creator"] = sqlite_inline.connector(path, command_timeout)
         else:
             self._write_lock = None
             kwargs.update(

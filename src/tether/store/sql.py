@@ -49,6 +49,7 @@ from tether.core.errors import (
 )
 from tether.core.states import ACTIVE, TERMINAL, TaskState, allowed_from
 from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
+from tether.store import sqlite_inline
 from tether.store.base import (
     WAIT_FOREVER,
     WAIT_PREFIX,
@@ -75,7 +76,6 @@ from tether.store.common import (
     status_payload,
     trim_history,
 )
-from tether.store import sqlite_inline
 from tether.store.schema import (
     artifacts,
     contexts,

@@ -46,11 +46,10 @@ class InlineConnection(aiosqlite.Connection):
 
 def connector(path: str, timeout: float) -> Callable[[], Awaitable[InlineConnection]]:
     """An ``async_creator`` for ``create_async_engine``."""
-    connect = functools.partial(
-        sqlite3.connect, path, timeout=timeout, check_same_thread=False
-    )
+    connect = functools.partial(sqlite3.connect, path, timeout=timeout, check_same_thread=False)
 
     async def create() -> InlineConnection:
-        return await InlineConnection(connect, 64)
+        conn = InlineConnection(connect, 64)
+        return await conn._connect()
 
     return create

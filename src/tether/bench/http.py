@@ -7,9 +7,11 @@ generator process spends its CPU on the server's answers, not on itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +22,11 @@ class HttpError(Exception):
     pass
 
 
+# uvicorn closes a keep-alive connection after 5 s without a request: do not reuse one
+# that has been idle nearly that long (the request would race the server's close).
+IDLE_REUSE_SECONDS = 4.0
+
+
 class Conn:
     """One keep-alive connection; one request at a time."""
 
@@ -28,6 +35,7 @@ class Conn:
         self.port = port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._idle_since = 0.0
         self._head = b"POST / HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n" % (
             host.encode(),
             port,
@@ -46,15 +54,29 @@ class Conn:
             self._writer.close()
         self._reader = self._writer = None
 
+    def idle(self) -> None:
+        """The response is fully read: the connection may carry the next request."""
+        self._idle_since = time.monotonic()
+
     async def _send(self, body: bytes, extra: bytes = b"") -> tuple[int, dict[bytes, bytes]]:
+        reused = self._writer is not None
+        if reused and time.monotonic() - self._idle_since > IDLE_REUSE_SECONDS:
+            self.close()
+            reused = False
         if self._writer is None:
             await self.connect()
         assert self._reader is not None and self._writer is not None
-        self._writer.write(self._head + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         try:
+            self._writer.write(
+                self._head + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
             head = await self._reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self.close()
+            if reused:
+                # The server closed the kept-alive connection before reading this request:
+                # send it again on a new one (the messageId makes a repeat harmless anyway).
+                return await self._send(body, extra)
             raise HttpError("connection closed by the server") from exc
         lines = head.split(b"\r\n")
         try:
@@ -96,6 +118,7 @@ class Conn:
                 self.close()
             if headers.get(b"connection", b"").lower() == b"close":
                 self.close()
+            self.idle()
             return status, data
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             self.close()
@@ -108,8 +131,14 @@ class Conn:
         """
         status, headers = await self._send(body, b"Accept: text/event-stream\r\n")
         if status != 200 or b"text/event-stream" not in headers.get(b"content-type", b""):
+            detail = b""
+            length = headers.get(b"content-length")
+            if length is not None and self._reader is not None:
+                with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError):
+                    detail = await self._reader.readexactly(int(length))
             self.close()
-            raise HttpError(f"not an event stream: HTTP {status}")
+            text = detail[:300].decode(errors="replace")
+            raise HttpError(f"not an event stream: HTTP {status} {text}".rstrip())
         yield b""
         buf = b""
         try:
@@ -122,6 +151,7 @@ class Conn:
                     frame, buf = buf[:end], buf[end + 2 :]
                     if frame and not frame.startswith(b":"):
                         yield frame
+            self.idle()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             self.close()
             raise HttpError(f"{type(exc).__name__}: {exc}") from exc

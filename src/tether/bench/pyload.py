@@ -261,6 +261,8 @@ async def job_subscribe(spec: Spec, ctl: Ctl) -> Result:
         conns.append(conn)
         body = rpc_body("SubscribeToTask", {"id": task_id}, i + 1)
         last_id: int | None = None
+        last_frame = b""
+        got_final = False
         is_open = False
         try:
             async with gate:
@@ -285,7 +287,12 @@ async def job_subscribe(spec: Spec, ctl: Ctl) -> Result:
                     last_id = seq
                 if COMPLETED in frame:
                     state["completed"] += 1
+                    got_final = True
+                last_frame = frame
             state["ended"] += 1
+            if not got_final and len(samples) < 3:
+                text = last_frame[-300:].decode(errors="replace")
+                samples.append(f"stream ended without a completed event; last frame: {text}")
         except (HttpError, StopAsyncIteration, OSError, ValueError) as exc:
             if is_open:
                 state["broken"] += 1

@@ -451,6 +451,8 @@ async def stream(dep: Deployment, opts: Options) -> dict[str, Any]:
         "samples": [s for p in parts for s in p["samples"]][:3],
         "extra": {
             "rate": opts.rate,
+            # Below the rate, the server fell behind: latency then measures its backlog.
+            "kept_up": bool(wall and done / wall >= 0.95 * opts.rate),
             "sent": sum(p["sent"] for p in parts),
             "first_frame_ms": first,
             "first_worker_event_ms": working,

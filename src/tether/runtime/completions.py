@@ -170,6 +170,11 @@ class CompletionConsumer:
         self._cursor = "0-0"
         self._next_claim = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Clear while a completion is being stored: ``stop`` lets that finish rather than
+        # cancel a transaction half-way.
+        self._out_of_store = asyncio.Event()
+        self._out_of_store.set()
         self.applied = 0
         self.duplicates = 0
         self.dead_lettered = 0
@@ -178,8 +183,11 @@ class CompletionConsumer:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="completion-consumer")
 
-    async def stop(self) -> None:
+    async def stop(self, store_grace: float = 5.0) -> None:
         if self._task is not None:
+            self._stopping = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._out_of_store.wait(), store_grace)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -198,6 +206,8 @@ class CompletionConsumer:
                 entries = await self._fetch()
                 log_recovery(log, backoff, "completion consumer")
                 for entry in entries:
+                    if self._stopping:
+                        break  # the rest stay pending, for another consumer
                     await self._handle(entry)
             except REDIS_ERRORS as exc:
                 if is_nogroup(exc):
@@ -274,13 +284,16 @@ class CompletionConsumer:
     async def _apply(self, operation_id: str, result: Any, error: str | None) -> Completion:
         backoff = Backoff(cap=5.0)
         while True:
+            self._out_of_store.clear()
             try:
                 return await apply_completion(self.store, self.broker, operation_id, result, error)
             except TetherError as exc:
-                if not exc.retryable:
+                if not exc.retryable or self._stopping:
                     raise
                 log_outage(log, backoff, "completion consumer (store)", exc)
-                await backoff.wait()
+            finally:
+                self._out_of_store.set()
+            await backoff.wait()
 
     async def _ack(self, entry_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

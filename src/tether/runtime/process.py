@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -183,9 +185,34 @@ async def run_worker(agent: Agent, settings: Settings, stop: asyncio.Event | Non
         )
         await stop.wait()
         log.info("worker %s stopping: %d task(s) running", worker_id, runtime.running)
-        await runtime.stop(settings.shutdown_grace)
+        grace = settings.shutdown_grace
+        await _bounded("runtime", runtime.stop(grace), grace + 15.0)
     finally:
-        await broker.close()
-        await bus.close()
-        await store.close()
+        await _bounded("broker", broker.close(), 10.0)
+        await _bounded("event bus", bus.close(), 10.0)
+        await _bounded("store", store.close(), 10.0)
         log.info("worker %s stopped", worker_id)
+
+
+async def _bounded(what: str, step: Awaitable[None], limit: float) -> None:
+    """One step of shutdown, given ``limit`` seconds: a stuck step must not keep the
+    process from exiting (its orchestrator would SIGKILL it, losing the hand-back)."""
+    started = time.monotonic()
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=limit)
+    if not done:
+        log.error("shutdown: closing the %s took over %.0fs; going on without it", what, limit)
+        for pending in asyncio.all_tasks():
+            if pending is not asyncio.current_task():
+                log.error("still running: %r\n%s", pending, _stack(pending))
+        task.cancel()
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.error("shutdown: closing the %s failed: %r", what, task.exception())
+    log.debug("shutdown: %s closed in %.2fs", what, time.monotonic() - started)
+
+
+def _stack(task: asyncio.Task[Any]) -> str:
+    out = io.StringIO()
+    task.print_stack(file=out)
+    return out.getvalue()

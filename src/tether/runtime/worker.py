@@ -85,6 +85,8 @@ class Runtime:
         self._slots: list[asyncio.Task[None]] = []
         self._idle: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        # Ends the heartbeat and re-drive loops between two store calls, never during one.
+        self._halt = asyncio.Event()
         self._threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="handler")
         self._stopping = False
 
@@ -122,6 +124,11 @@ class Runtime:
         slots = [slot for slot in self._slots if not slot.done()]
         if slots:
             await asyncio.wait(slots, timeout=hand_back_timeout)
+        # Cancelling a store call half-way could leave its transaction (and row locks)
+        # behind: the loops are asked to stop, and only cancelled if they do not.
+        self._halt.set()
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=hand_back_timeout)
         for loop in [*self._slots, *self._loops]:
             loop.cancel()
         await asyncio.gather(*self._slots, *self._loops, return_exceptions=True)
@@ -153,9 +160,14 @@ class Runtime:
                 # unacknowledged: another worker reclaims it once it is idle past the lease.
                 log.exception("worker slot error on task %s", delivery.task_id)
 
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if stopping; True when it is time to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._halt.wait(), seconds)
+        return self._halt.is_set()
+
     async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+        while not await self._pause(self.lease_seconds / 3):
             ids = list(self._running)
             if not ids:
                 continue
@@ -179,7 +191,7 @@ class Runtime:
     async def _redrive(self) -> None:
         """The store is the outbox: queue every runnable task without a live lease."""
         failing = False
-        while True:
+        while not self._halt.is_set():
             try:
                 ids = [t for t in await self.store.runnable() if t not in self._running]
                 # Idempotent: a task whose entry still waits in the queue gets no second one.
@@ -188,7 +200,8 @@ class Runtime:
             except TetherError as exc:
                 (log.debug if failing else log.warning)("re-drive failed: %s", exc)
                 failing = True
-            await asyncio.sleep(max(self.lease_seconds / 2, 0.5))
+            if await self._pause(max(self.lease_seconds / 2, 0.5)):
+                return
 
     async def _on_final(self, event: TaskEvent) -> None:
         if event.payload["status"]["state"] != TaskState.CANCELED.wire:

@@ -182,7 +182,10 @@ class SqlStore:
                 pool_size=pool_size,
                 max_overflow=max_overflow,
                 pool_timeout=pool_timeout,
-                pool_pre_ping=True,
+                # No pre-ping: it costs a round trip per checkout (13% of the API's
+                # time under load); a dead pooled connection is caught by the retry
+                # loop, which invalidates the pool and runs the transaction again.
+                pool_pre_ping=False,
                 connect_args={
                     "command_timeout": command_timeout,
                     "server_settings": {"application_name": "tether"},

@@ -148,6 +148,7 @@ class RedisBroker:
         self._demand = 0
         self._wake = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
+        self._closing = False
         self._cursor = "0-0"
         self._next_reclaim = 0.0
         self._next_cleanup = time.monotonic() + 600.0
@@ -169,9 +170,14 @@ class RedisBroker:
 
     async def close(self) -> None:
         if self._fetcher is not None:
-            self._fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetcher
+            # The fetch loop ends after its current read (at most ``block``); it is cancelled
+            # only if it does not: a command cut in half can leave its connection stuck.
+            self._closing = True
+            self._wake.set()
+            done, _ = await asyncio.wait({self._fetcher}, timeout=self._block + 5.0)
+            if not done:
+                self._fetcher.cancel()
+                await asyncio.wait({self._fetcher}, timeout=2.0)
             self._fetcher = None
         while not self._ready.empty():
             with contextlib.suppress(Exception):
@@ -260,7 +266,7 @@ class RedisBroker:
         have free slots, and they would be reclaimed from under us.
         """
         backoff = Backoff()
-        while True:
+        while not self._closing:
             want = self._demand - self._ready.qsize()
             if want <= 0:
                 self._wake.clear()

@@ -180,8 +180,6 @@ class RedisEventBus:
         self._listeners: list[Listener] = []
         self._out: deque[TaskEvent] = deque(maxlen=buffer_limit)
         self._out_ready = asyncio.Event()
-        self._flushed = asyncio.Event()
-        self._flushed.set()
         self._dropped = 0
         self._want_changed = asyncio.Event()
         self._catching_up: set[str] = set()
@@ -189,6 +187,7 @@ class RedisEventBus:
         self._confirmed: set[str] = set()
         self._catch_up_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     def stream_key(self, task_id: str) -> str:
         return f"{self.prefix}:events:{task_id}"
@@ -211,15 +210,20 @@ class RedisEventBus:
             ]
 
     async def close(self, flush_timeout: float = 2.0) -> None:
+        """Flush what is buffered (for ``flush_timeout`` at most) and stop.
+
+        The loops end by themselves between two Redis calls; one is cancelled only if it
+        does not, since a command cut in half can leave its connection stuck.
+        """
+        self._closing = True
+        for wake in (self._out_ready, self._want_changed, self._catch_up_ready):
+            wake.set()
         if self._tasks:
-            # Let the flusher send what is buffered, for a bounded time.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flushed.wait(), flush_timeout)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            _, pending = await asyncio.wait(self._tasks, timeout=flush_timeout + 2.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
         self._tasks = []
         self._channels.clear()
         if self._owns_client:
@@ -241,7 +245,6 @@ class RedisEventBus:
                     self._dropped,
                 )
         self._out.append(event)
-        self._flushed.clear()
         self._out_ready.set()
 
     async def _tell_listeners(self, event: TaskEvent) -> None:
@@ -255,7 +258,7 @@ class RedisEventBus:
 
     async def _flush_loop(self) -> None:
         backoff = Backoff()
-        while True:
+        while not (self._closing and not self._out):
             await self._out_ready.wait()
             self._out_ready.clear()
             while self._out:
@@ -263,6 +266,10 @@ class RedisEventBus:
                 try:
                     await self._write(batch)
                 except REDIS_ERRORS as exc:
+                    if self._closing:
+                        # No waiting for Redis on the way out: the store has every event.
+                        self._out.clear()
+                        break
                     # Put the batch back in front, in order; the deque keeps the newest.
                     room = (self._out.maxlen or len(batch)) - len(self._out)
                     self._out.extendleft(reversed(batch[-room:] if room > 0 else []))
@@ -274,7 +281,6 @@ class RedisEventBus:
                     continue
                 log_recovery(log, backoff, "event publisher")
                 self._dropped = 0
-            self._flushed.set()
 
     async def _write(self, batch: list[TaskEvent]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -350,7 +356,7 @@ class RedisEventBus:
     async def _listen_loop(self) -> None:
         """One pub/sub connection for the process; rebuilt from scratch after any error."""
         backoff = Backoff()
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub()
             tasks: list[asyncio.Task[None]] = []
             try:
@@ -369,13 +375,17 @@ class RedisEventBus:
             except Exception:
                 log.exception("event subscriber failed; reconnecting")
             finally:
+                if self._closing and tasks:
+                    # On the way out the reader ends after its current read: let it.
+                    await asyncio.wait(tasks, timeout=2.0)
                 for task in tasks:
                     task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(BaseException):
-                        await task
-                with contextlib.suppress(BaseException):
+                if tasks:
+                    await asyncio.wait(tasks, timeout=2.0)
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if self._closing:
+                return
             # Every channel starts over: its events are read again from the stream.
             self._confirmed.clear()
             for channel in self._channels.values():
@@ -383,18 +393,20 @@ class RedisEventBus:
             await backoff.wait()
 
     async def _read_loop(self, pubsub: PubSub, backoff: Backoff) -> None:
-        while True:
-            # A bounded wait, so the client's health-check PING runs on a quiet connection.
-            message = await pubsub.get_message(timeout=15.0)
+        while not self._closing:
+            # A bounded wait: ``close`` is noticed, and the client's health-check PING runs
+            # on a quiet connection.
+            message = await pubsub.get_message(timeout=1.0)
             if message is not None:
                 log_recovery(log, backoff, "event subscriber")
                 await self._on_message(message)
 
     async def _command_loop(self, pubsub: PubSub, have: set[str]) -> None:
-        while True:
+        while not self._closing:
             await self._want_changed.wait()
             self._want_changed.clear()
-            await self._sync(pubsub, have)
+            if not self._closing:
+                await self._sync(pubsub, have)
 
     async def _sync(self, pubsub: PubSub, have: set[str]) -> None:
         want = self._wanted()
@@ -439,10 +451,10 @@ class RedisEventBus:
             channel.offer(event)
 
     async def _catch_up_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._catch_up_ready.wait()
             self._catch_up_ready.clear()
-            while self._catching_up:
+            while self._catching_up and not self._closing:
                 batch = [self._catching_up.pop() for _ in range(min(100, len(self._catching_up)))]
                 tails: list[Any]
                 try:

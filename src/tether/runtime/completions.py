@@ -23,7 +23,6 @@ store's re-drive queues it (it is runnable now).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -171,10 +170,6 @@ class CompletionConsumer:
         self._next_claim = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        # Clear while a completion is being stored: ``stop`` lets that finish rather than
-        # cancel a transaction half-way.
-        self._out_of_store = asyncio.Event()
-        self._out_of_store.set()
         self.applied = 0
         self.duplicates = 0
         self.dead_lettered = 0
@@ -183,14 +178,16 @@ class CompletionConsumer:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="completion-consumer")
 
-    async def stop(self, store_grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let the loop finish its read (``block``) or store call and end; cancel it only if
+        it does not: a command or transaction cut in half can leave its connection stuck."""
         if self._task is not None:
             self._stopping = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._out_of_store.wait(), store_grace)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=grace + self._block)
+            if not done:
+                log.warning("completion consumer did not stop in %.0fs; cancelling it", grace)
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         if self._owns_client:
             await self.redis.aclose()
@@ -198,7 +195,7 @@ class CompletionConsumer:
     async def _loop(self) -> None:
         backoff = Backoff()
         group_ready = False
-        while True:
+        while not self._stopping:
             try:
                 if not group_ready:
                     await ensure_group(self.redis, self.stream, self.group)
@@ -284,15 +281,12 @@ class CompletionConsumer:
     async def _apply(self, operation_id: str, result: Any, error: str | None) -> Completion:
         backoff = Backoff(cap=5.0)
         while True:
-            self._out_of_store.clear()
             try:
                 return await apply_completion(self.store, self.broker, operation_id, result, error)
             except TetherError as exc:
                 if not exc.retryable or self._stopping:
                     raise
                 log_outage(log, backoff, "completion consumer (store)", exc)
-            finally:
-                self._out_of_store.set()
             await backoff.wait()
 
     async def _ack(self, entry_id: str) -> None:

@@ -397,6 +397,9 @@ async def test_serialization_failures_are_retried(
     try:
         task = await new_task(store)
         await store.transition(task.id, S.WORKING)
+        # Open the pool's connections first, so the 16 updates below really race
+        # (connection set-up would otherwise stagger them into a queue).
+        await asyncio.gather(*(store.get_task(None, task.id) for _ in range(16)))
         targets = [S.COMPLETED, S.FAILED, S.CANCELED, S.REJECTED] * 4
         async with asyncio.timeout(DEADLINE):
             results = await asyncio.gather(

@@ -63,6 +63,13 @@ def load_agent(target: str) -> Agent:
     return agent
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _settings(db: str | None, **overrides: Any) -> Settings:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     if db is not None:
@@ -102,10 +109,7 @@ def serve(
 
     from tether.server.app import create_app
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    _configure_logging(log_level)
     agent = load_agent(target)
     settings = _settings(
         db,
@@ -154,10 +158,7 @@ def worker(
     from tether.core.errors import TetherError
     from tether.runtime.process import run_worker
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    _configure_logging(log_level)
     agent = load_agent(target)
     settings = _settings(
         db,

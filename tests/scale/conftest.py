@@ -42,6 +42,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"rep_{report.when}", report)
 
 
+def failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return report is not None and bool(report.failed)
+
+
 def redis_ready(url: str = REDIS_URL) -> bool:
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     try:

@@ -34,7 +34,7 @@ from .cluster import (
     until,
     wait_state,
 )
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, failed
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -47,7 +47,9 @@ def db_url(scale_pg_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture
-def cluster(db_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(
+    db_url: str, redis_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
     c = Cluster(
         tmp_path, database_url=db_url, redis_url=REDIS_URL, prefix=redis_prefix, lease_seconds=LEASE
     )
@@ -55,14 +57,8 @@ def cluster(db_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[Cluster]
         yield c
     finally:
         c.close()
-
-
-@pytest.fixture
-def show_logs(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(cluster.logs())
+        if failed(request):
+            print(c.logs())
 
 
 @pytest.fixture
@@ -98,7 +94,7 @@ async def logged_states(db: SqlStore, task_id: str) -> list[tuple[int, str]]:
 
 
 async def test_killing_a_worker_with_50_tasks_in_flight_loses_none(
-    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient, show_logs: None
+    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
     doomed = await cluster.worker("worker-a")
@@ -150,7 +146,7 @@ async def test_killing_a_worker_with_50_tasks_in_flight_loses_none(
 
 
 async def test_a_stream_resumes_on_the_other_api_after_its_api_is_killed(
-    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient, show_logs: None
+    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
     await cluster.worker("worker-a")
@@ -183,7 +179,7 @@ async def test_a_stream_resumes_on_the_other_api_after_its_api_is_killed(
 
 
 async def test_a_cancel_on_any_api_stops_the_handler_on_its_worker_within_a_second(
-    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient, show_logs: None
+    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
     await cluster.worker("worker-a")
@@ -217,7 +213,7 @@ async def test_a_cancel_on_any_api_stops_the_handler_on_its_worker_within_a_seco
 
 
 async def test_a_canceled_queued_task_never_starts(
-    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient, show_logs: None
+    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
     await cluster.worker("worker-a", concurrency=1)
@@ -249,7 +245,7 @@ async def test_a_canceled_queued_task_never_starts(
 
 
 async def test_a_cancel_survives_a_worker_restart(
-    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient, show_logs: None
+    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
     first = await cluster.worker("worker-a")
@@ -285,7 +281,7 @@ async def test_a_cancel_survives_a_worker_restart(
 
 
 async def test_completions_resume_waiting_tasks_across_processes(
-    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient, show_logs: None
+    cluster: Cluster, db: SqlStore, http: httpx.AsyncClient
 ) -> None:
     api1, api2 = await cluster.api("api1"), await cluster.api("api2")
     workers = [await cluster.worker("worker-a"), await cluster.worker("worker-b")]

@@ -25,7 +25,7 @@ from tether.store.schema import tasks
 from tether.store.sql import SqlStore
 
 from .cluster import HTTP_TIMEOUT, Cluster, answer_of, frame_state, sse, submit, until
-from .conftest import REDIS_URL, redis_ready
+from .conftest import REDIS_URL, failed, redis_ready
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.redis_restart]
 
@@ -67,7 +67,10 @@ def redis_guard() -> Iterator[None]:
 
 @pytest.fixture
 def cluster(
-    scale_pg_database: Callable[[], str], redis_prefix: str, tmp_path: Path
+    scale_pg_database: Callable[[], str],
+    redis_prefix: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Cluster]:
     c = Cluster(
         tmp_path,
@@ -80,6 +83,8 @@ def cluster(
         yield c
     finally:
         c.close()
+        if failed(request):
+            print(c.logs())
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from tether.store.schema import tasks
 from tether.store.sql import SqlStore
 
 from .cluster import HTTP_TIMEOUT, Cluster, answer_of, get_task, submit, until
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, failed
 
 sleeper = Agent(name="sleeper", description="sleeps as long as it is told")
 STARTED: list[str] = []
@@ -75,7 +75,9 @@ def db_url(scale_pg_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture
-def cluster(db_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(
+    db_url: str, redis_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
     # A long lease: a task that moves to the other worker quickly was handed back,
     # not reclaimed after its lease ran out.
     c = Cluster(
@@ -90,6 +92,8 @@ def cluster(db_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[Cluster]
         yield c
     finally:
         c.close()
+        if failed(request):
+            print(c.logs())
 
 
 @pytest.mark.postgres

@@ -109,9 +109,16 @@ async def wait_for(ctx: Context, operation_id: str, timeout: float | None) -> An
     """The result of ``operation_id``, once completed; parks the task until then."""
     rt = ctx._rt
     deadline = None if timeout is None else now() + max(0.0, timeout)
-    op = await rt.store.wait_operation(
-        ctx.task_id, operation_id, lease_owner=rt.worker_id, deadline=deadline
-    )
+    rt.parking.add(ctx.task_id)
+    try:
+        op = await rt.store.wait_operation(
+            ctx.task_id, operation_id, lease_owner=rt.worker_id, deadline=deadline
+        )
+    except BaseException:
+        rt.parking.discard(ctx.task_id)
+        raise
+    if op.state is not OperationState.PENDING:
+        rt.parking.discard(ctx.task_id)
     if op.state is OperationState.COMPLETED:
         return op.result
     if op.state is OperationState.FAILED:

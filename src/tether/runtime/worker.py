@@ -78,6 +78,8 @@ class Runtime:
         # worker (abandon, no ack), or this worker is shutting down (hand back).
         self._abandoned: set[str] = set()
         self._handing_back: set[str] = set()
+        # Tasks whose lease is passing to a durable wait (``ctx.wait_for``): not lost.
+        self.parking: set[str] = set()
         self._deliveries: dict[str, Delivery] = {}
         self.completions = completions
         self.secret = secret
@@ -129,9 +131,12 @@ class Runtime:
         self._halt.set()
         if self._loops:
             await asyncio.wait(self._loops, timeout=hand_back_timeout)
-        for loop in [*self._slots, *self._loops]:
+        leftover = [t for t in [*self._slots, *self._loops] if not t.done()]
+        for loop in leftover:
             loop.cancel()
-        await asyncio.gather(*self._slots, *self._loops, return_exceptions=True)
+        if leftover:
+            # Bounded: a task stuck in its own cancellation must not hold the process.
+            await asyncio.wait(leftover, timeout=2.0)
         if self.completions is not None:
             await self.completions.stop()
         with contextlib.suppress(TetherError):
@@ -176,7 +181,7 @@ class Runtime:
             except TetherError as exc:
                 log.warning("lease renewal failed: %s", exc)
                 continue
-            for task_id in set(ids) - held:
+            for task_id in set(ids) - held - self.parking:
                 log.warning("lost the lease on task %s; abandoning it", task_id)
                 self._abandoned.add(task_id)
                 self._stop_handler(task_id)
@@ -327,6 +332,7 @@ class Runtime:
             self._canceled.discard(task_id)
             self._abandoned.discard(task_id)
             self._handing_back.discard(task_id)
+            self.parking.discard(task_id)
 
     async def _invoke(self, ctx: Context) -> Any:
         fn = self.agent.fn

@@ -10,7 +10,6 @@ from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
 from a2a.types import a2a_pb2 as pb
 from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
 
-from .conftest import TetherServer
 from .helpers import (
     HTTP_TIMEOUT,
     message_03,
@@ -22,6 +21,7 @@ from .helpers import (
     sdk_send,
     wait_state,
 )
+from .server import TetherServer
 
 pytestmark = pytest.mark.timeout(120)
 

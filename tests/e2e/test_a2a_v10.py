@@ -14,7 +14,7 @@ from a2a.utils.errors import (
     UnsupportedOperationError,
 )
 
-from .conftest import ServerFactory, TetherServer
+from .conftest import ServerFactory
 from .helpers import (
     HTTP_TIMEOUT,
     new_id,
@@ -27,6 +27,7 @@ from .helpers import (
     send,
     wait_state,
 )
+from .server import TetherServer
 
 pytestmark = pytest.mark.timeout(120)
 

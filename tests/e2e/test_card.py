@@ -8,8 +8,8 @@ from a2a.client import A2ACardResolver
 
 from tether import Agent, Settings, create_app
 
-from .conftest import TetherServer
 from .helpers import HTTP_TIMEOUT
+from .server import TetherServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import REPO, TETHER, ServerFactory, free_port
+from .conftest import ServerFactory
 from .helpers import HTTP_TIMEOUT, send, text_of
+from .server import REPO, TETHER, free_port
 
 pytestmark = pytest.mark.timeout(180)
 

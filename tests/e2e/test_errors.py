@@ -8,7 +8,6 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import TetherServer
 from .helpers import (
     HTTP_TIMEOUT,
     assert_no_stack_trace,
@@ -18,6 +17,7 @@ from .helpers import (
     rpc,
     send,
 )
+from .server import TetherServer
 
 pytestmark = pytest.mark.timeout(120)
 

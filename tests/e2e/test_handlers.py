@@ -9,7 +9,7 @@ import pytest
 from a2a.types import a2a_pb2 as pb
 from google.protobuf.json_format import MessageToDict
 
-from .conftest import ServerFactory, TetherServer
+from .conftest import ServerFactory
 from .helpers import (
     HTTP_TIMEOUT,
     JSON,
@@ -23,6 +23,7 @@ from .helpers import (
     text_of,
     wait_state,
 )
+from .server import TetherServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ServerFactory, TetherServer
+from .conftest import ServerFactory
 from .helpers import HTTP_TIMEOUT, eventually, new_id, result, rpc, send, text_of
+from .server import TetherServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -9,104 +9,34 @@ together are the task's whole log, as a replay from 0 shows.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .harness import TIMEOUT, Frame, SSEReader, rpc, user_message
+from e2e.server import TetherServer
 
-REPO = Path(__file__).resolve().parents[2]
-TETHER = Path(sys.executable).with_name("tether")
-START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, db: Path, log: Path) -> None:
-        self.db = db
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        # The developer's own TETHER_* settings must not change what the test runs against.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        for _ in range(3):
-            self.port = free_port()
-            cmd = [str(TETHER), "serve", "tests/streaming/agents.py:agent"]
-            cmd += ["--port", str(self.port), "--db", str(self.db), "--log-level", "warning"]
-            with self.log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            if self._ready():
-                return
-        raise AssertionError(f"tether serve never bound a port:\n{self.output()}")
-
-    def _ready(self) -> bool:
-        """A bounded poll: another process's readiness announces itself no other way."""
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        with httpx.Client(timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    if "address already in use" in self.output().lower():
-                        return False
-                    raise AssertionError(f"tether serve exited:\n{self.output()}")
-                try:
-                    if http.get(f"{self.url}/healthz").status_code == 200:
-                        return True
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise AssertionError(f"tether serve not ready in {START_TIMEOUT}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(TIMEOUT)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
+from .harness import Frame, SSEReader, rpc, user_message
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path / "tether.db", tmp_path / "server.log")
+def server(tmp_path: Path) -> Iterator[TetherServer]:
+    s = TetherServer(
+        "tests/streaming/agents.py:agent",
+        db=tmp_path / "tether.db",
+        marks=tmp_path / "marks",
+        log=tmp_path / "server.log",
+        args=["--log-level", "warning"],
+    )
     yield s
     s.stop()
 
 
 @pytest.mark.slow
 async def test_sigkill_mid_stream_then_resume_after_restart(
-    server: Server, http: httpx.AsyncClient
+    server: TetherServer, http: httpx.AsyncClient
 ) -> None:
     server.start()
     before: list[Frame] = []

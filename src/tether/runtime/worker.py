@@ -182,6 +182,9 @@ class Runtime:
                 log.warning("lease renewal failed: %s", exc)
                 continue
             for task_id in set(ids) - held - self.parking:
+                handler = self._running.get(task_id)
+                if handler is None or handler.done():
+                    continue  # it finished meanwhile: its lease went with its final state
                 log.warning("lost the lease on task %s; abandoning it", task_id)
                 self._abandoned.add(task_id)
                 self._stop_handler(task_id)

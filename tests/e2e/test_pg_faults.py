@@ -9,8 +9,10 @@ Connections are also terminated from the database side with ``pg_terminate_backe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -25,19 +27,30 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 UNAVAILABLE = -32050
 TASKS = 20
+T = TypeVar("T")
 
 
 class PgProxy:
-    """A byte pipe to PostgreSQL that can be cut and restored."""
+    """A byte pipe to PostgreSQL that can be cut and restored.
+
+    It runs its own event loop on a thread: the server fixture waits for the
+    server synchronously, and the server's start-up goes through this pipe.
+    """
 
     def __init__(self) -> None:
         self.port = 0
+        self.up = True
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
-        self.up = True
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -65,30 +78,34 @@ class PgProxy:
         finally:
             dst.close()
 
-    async def cut(self) -> None:
+    async def _cut(self) -> None:
         self.up = False
         for pipe in list(self._pipes):
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
 
+    def cut(self) -> None:
+        self._call(self._cut())
+
     def restore(self) -> None:
         self.up = True
 
-    async def close(self) -> None:
-        await self.cut()
+    def close(self) -> None:
+        self.cut()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
 
 @pytest.fixture
-async def proxy() -> AsyncIterator[PgProxy]:
+def proxy() -> Iterator[PgProxy]:
     p = PgProxy()
-    await p.start()
+    p.start()
     try:
         yield p
     finally:
-        await p.close()
+        p.close()
 
 
 @pytest.fixture
@@ -162,7 +179,7 @@ async def test_outage_gives_a_retryable_error_and_the_server_recovers(
     server = tether_server(db=False, args=["--db", via(proxy, database), "--lease-seconds", "3"])
     async with httpx.AsyncClient(timeout=60) as http:
         before = await send(http, server.url, "sleep 1 pre", return_immediately=True)
-        await proxy.cut()
+        proxy.cut()
         try:
             down = await rpc(http, server.url, "GetTask", {"id": before["id"]})
             assert error_code(down) == UNAVAILABLE

@@ -21,9 +21,7 @@ HEAD = migrate.history()[0][0]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> str:
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
     # Its own database: these tests drop every table, which the shared one must not see.

@@ -29,9 +29,7 @@ def migrated_postgres_url(postgres_url: str) -> Iterator[str]:
     yield postgres_url
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -72,4 +70,3 @@ async def pg_store(migrated_postgres_url: str) -> AsyncIterator[SqlStore]:
         yield s
     finally:
         await s.close()
-

@@ -344,8 +344,9 @@ async def test_list_pagination(store: TaskStore) -> None:
 
 
 async def test_list_filters(store: TaskStore) -> None:
-    in_a = [(await store.submit(owner=OWNER, message=user_msg(), context_id="a")).task
-            for _ in range(3)]
+    in_a = [
+        (await store.submit(owner=OWNER, message=user_msg(), context_id="a")).task for _ in range(3)
+    ]
     in_b = (await store.submit(owner=OWNER, message=user_msg(), context_id="b")).task
     await store.transition(in_a[0].id, S.WORKING)
     await store.transition(in_b.id, S.WORKING)
@@ -381,8 +382,9 @@ async def test_list_refuses_bad_tokens_and_sizes(store: TaskStore) -> None:
 
 async def test_list_includes_artifacts_on_request(store: TaskStore) -> None:
     task = await claimed(store)
-    await store.add_artifact(task.id, {"artifactId": "a", "parts": [{"text": "x"}]},
-                             lease_owner=WORKER)
+    await store.add_artifact(
+        task.id, {"artifactId": "a", "parts": [{"text": "x"}]}, lease_owner=WORKER
+    )
     plain = await store.list_tasks(ListQuery(owner=OWNER))
     assert plain.tasks[0].artifacts == []
     full = await store.list_tasks(ListQuery(owner=OWNER, include_artifacts=True))
@@ -513,8 +515,9 @@ async def test_artifact_chunks_merge(store: TaskStore) -> None:
     def chunk(artifact_id: str, text: str, **extra: object) -> dict[str, object]:
         return {"artifactId": artifact_id, "parts": [{"text": text}], **extra}
 
-    first = await store.add_artifact(task.id, chunk("story", "Once", name="story"),
-                                     lease_owner=WORKER)
+    first = await store.add_artifact(
+        task.id, chunk("story", "Once", name="story"), lease_owner=WORKER
+    )
     await store.add_artifact(task.id, chunk("other", "x"), lease_owner=WORKER)
     await store.add_artifact(task.id, chunk("story", " upon"), lease_owner=WORKER, append=True)
     last = await store.add_artifact(
@@ -570,8 +573,9 @@ async def test_resume_interrupted(store: TaskStore, interrupted: TaskState) -> N
     task = await new_task(store)
     claim = await store.claim(task.id, WORKER, lease_seconds=LEASE, max_attempts=1)
     assert claim is not None
-    await store.transition(task.id, interrupted, message=agent_msg(task, "more?"),
-                           lease_owner=WORKER)
+    await store.transition(
+        task.id, interrupted, message=agent_msg(task, "more?"), lease_owner=WORKER
+    )
     waiting = await store.get_task(OWNER, task.id)
     assert waiting.lease_owner is None and waiting.attempts == 1
 
@@ -609,8 +613,7 @@ async def test_resume_refused_when_terminal_or_active(store: TaskStore) -> None:
 async def test_concurrent_resumes_have_one_winner(store: TaskStore) -> None:
     task = await drive_to(store, S.INPUT_REQUIRED)
     results = await asyncio.gather(
-        *(store.resume(owner=OWNER, task_id=task.id, message=user_msg(f"r{i}"))
-          for i in range(8)),
+        *(store.resume(owner=OWNER, task_id=task.id, message=user_msg(f"r{i}")) for i in range(8)),
         return_exceptions=True,
     )
     won = [r for r in results if not isinstance(r, BaseException)]

@@ -109,9 +109,7 @@ async def client(
         i += 1
         msg: JSON = user_msg(f"c{n} #{i}")
         submitted[msg["messageId"]] = ""
-        sub = await outcomes.call(
-            partial(store.submit, owner=OWNER, message=msg, context_id=None)
-        )
+        sub = await outcomes.call(partial(store.submit, owner=OWNER, message=msg, context_id=None))
         if sub is None:
             continue
         task: TaskRecord = sub.task
@@ -238,7 +236,6 @@ async def test_values_postgres_refuses_are_invalid_input(pg_store: SqlStore) -> 
     assert (await pg_store.list_tasks(ListQuery(owner=OWNER))).total_size == 0
 
 
-
 class CommitCutter:
     """A TCP proxy in front of PostgreSQL that breaks a connection around one COMMIT.
 
@@ -337,9 +334,7 @@ async def test_lost_commit_is_applied_exactly_once(
         sub = await cut(partial(store.submit, owner=OWNER, message=user_msg(), context_id=None))
         assert sub.created and sub.event is not None and sub.event.seq == 1
         task = sub.task
-        claim = await cut(
-            partial(store.claim, task.id, WORKER, lease_seconds=60, max_attempts=1)
-        )
+        claim = await cut(partial(store.claim, task.id, WORKER, lease_seconds=60, max_attempts=1))
         assert claim is not None and claim.task is not None
         assert [e.seq for e in claim.events] == [2]
         status = await cut(

@@ -376,9 +376,7 @@ class Runtime:
 
     async def _finish(self, ctx: Context, state: TaskState, result: Any) -> None:
         try:
-            message = (
-                None if result is None else agent_message(result, ctx.task_id, ctx.context_id)
-            )
+            message = None if result is None else agent_message(result, ctx.task_id, ctx.context_id)
         except InvalidInput as exc:
             # Raised here it would leave the task working until its lease ran out,
             # and then run it again for the same answer: fail it now, saying why.

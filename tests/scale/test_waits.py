@@ -310,3 +310,14 @@ async def test_the_http_callback_completes_directly_when_embedded() -> None:
         assert again.status_code == 200 and again.json()["duplicate"] is True
         finished = await until(rt, task, lambda t: t.state.terminal)
         assert answer(finished) == "approved: via http"
+
+
+async def test_releasing_every_lease_keeps_parked_tasks_parked(store: TaskStore) -> None:
+    """A restart of the embedded server takes back leases, never a parked task's wait."""
+    task = await working(store)
+    op = op_id(task)
+    await store.wait_operation(task, op, lease_owner=W1, deadline=None)
+    await store.release_leases()
+    parked = await store.get_task(None, task)
+    assert parked.lease_owner == WAIT_PREFIX + op
+    assert task not in await store.runnable()

@@ -171,7 +171,10 @@ class TaskStore(Protocol):
         ...
 
     async def release_leases(self, worker: str | None = None) -> int:
-        """Drop leases (of one worker, or all when the caller owns the store alone)."""
+        """Drop leases (of one worker, or all when the caller owns the store alone).
+
+        Parked tasks keep their wait: a restart must not run them before their completion.
+        """
         ...
 
     async def runnable(self, limit: int = 1000) -> list[str]:

@@ -308,7 +308,9 @@ class MemoryStore:
     async def release_leases(self, worker: str | None = None) -> int:
         count = 0
         for task in self._tasks.values():
-            if task.lease_owner is not None and worker in (None, task.lease_owner):
+            owner = task.lease_owner
+            # A parked task's "lease" is its wait (owner ``wait:<op>``): no process holds it.
+            if owner is not None and not owner.startswith(WAIT_PREFIX) and worker in (None, owner):
                 task.lease_owner = task.lease_expires = None
                 count += 1
         return count

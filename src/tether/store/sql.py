@@ -635,7 +635,11 @@ class SqlStore(SqlEngine):
 
     async def release_leases(self, worker: str | None = None) -> int:
         async def op(conn: AsyncConnection) -> int:
-            cond: list[sa.ColumnElement[bool]] = [tasks.c.lease_owner.is_not(None)]
+            # A parked task's "lease" is its wait (owner ``wait:<op>``): no process holds it.
+            cond: list[sa.ColumnElement[bool]] = [
+                tasks.c.lease_owner.is_not(None),
+                tasks.c.lease_owner.not_like(f"{WAIT_PREFIX}%"),
+            ]
             if worker is not None:
                 cond.append(tasks.c.lease_owner == worker)
             stmt = sa.update(tasks).where(*cond).values(lease_owner=None, lease_expires=None)

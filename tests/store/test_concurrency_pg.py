@@ -124,6 +124,9 @@ def test_processes_contend_for_transitions(migrated_postgres_url: str) -> None:
         logged = [p["status"]["message"]["messageId"] for _, p in got["events"][1:]]
         assert Counter(logged) == Counter(w[1] for w in wins_by_task[task_id])
         by_message = {w[1]: w for w in wins_by_task[task_id]}
-        for (_, payload), before in zip(got["events"][1:], states[:-1], strict=True):
-            _, _, frm, to = by_message[payload["status"]["message"]["messageId"]]
-            assert (frm, to) == (before.value, TaskState.from_wire(payload["status"]["state"]))
+        for _, payload in got["events"][1:]:
+            _, _, _, to = by_message[payload["status"]["message"]["messageId"]]
+            # The guard is ``state IN allowed_from(to)``, not the state the winner read:
+            # the task may have moved to another allowed state in between (checked legal
+            # above), so only the target is the winner's own.
+            assert to == TaskState.from_wire(payload["status"]["state"]).value

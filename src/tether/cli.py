@@ -71,7 +71,10 @@ def _configure_logging(level: str) -> None:
 
 
 def _settings(db: str | None, **overrides: Any) -> Settings:
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # a malformed TETHER_* variable: say which, no traceback
+        raise typer.BadParameter(str(exc)) from None
     if db is not None:
         settings.database_url = db
     return settings

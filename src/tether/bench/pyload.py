@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -359,6 +360,9 @@ def _child_main(job: str, spec: Spec, conn: Connection) -> None:
         with contextlib.suppress(Exception):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    # The loop's reader left the pipe non-blocking; a result larger than the pipe
+    # buffer (latency samples) would fail with EAGAIN while the parent is reading.
+    os.set_blocking(conn.fileno(), True)
     conn.send(("result", result))
 
 

@@ -18,6 +18,7 @@ event; a write it cannot check raises ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -67,7 +68,6 @@ from tether.store.common import (
 )
 from tether.store.schema import (
     artifacts,
-    contexts,
     events,
     feedback,
     messages,
@@ -75,6 +75,7 @@ from tether.store.schema import (
     tasks,
 )
 from tether.store.sql_engine import SqlEngine
+from tether.store.sql_exec import dumps, first, loads, rows, run
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
@@ -116,33 +117,30 @@ class SqlStore(SqlEngine):
         task_id: str,
         wanted: TaskState,
         states: Sequence[str],
-        values: dict[str, Any],
+        sets: tuple[str, ...],
+        params: dict[str, Any],
         *,
         owner: str | None = None,
         lease_owner: str | None = None,
     ) -> tuple[int, str, str]:
-        """The compare-and-set: bump ``last_seq`` where the guard holds, or say why not."""
-        cond = [tasks.c.id == task_id, tasks.c.state.in_(states)]
-        if owner is not None:
-            cond.append(tasks.c.owner == owner)
-        if lease_owner is not None:
-            cond.append(tasks.c.lease_owner == lease_owner)
-        stmt = (
-            sa.update(tasks)
-            .where(*cond)
-            .values(last_seq=tasks.c.last_seq + 1, **values)
-            .returning(tasks.c.last_seq, tasks.c.context_id, tasks.c.owner)
+        """The compare-and-set: bump ``last_seq`` where the guard holds, or say why not.
+
+        ``sets`` are ``column = expression`` fragments; ``params`` their values.
+        """
+        sql = _bump_sql(sets, tuple(states), owner is not None, lease_owner is not None)
+        row = await first(
+            conn, sql, {**params, "id": task_id, "owner": owner, "lease_owner": lease_owner}
         )
-        row = (await conn.execute(stmt)).first()
         if row is not None:
             return int(row[0]), str(row[1]), str(row[2])
-        q = sa.select(tasks.c.state, tasks.c.lease_owner).where(tasks.c.id == task_id)
-        if owner is not None:
-            q = q.where(tasks.c.owner == owner)
-        found = (await conn.execute(q)).first()
+        found = await first(
+            conn,
+            _FIND_STATE_OF_OWNER if owner is not None else _FIND_STATE,
+            {"id": task_id, "owner": owner},
+        )
         if found is None:
             raise TaskNotFound(task_id)
-        current = TaskState(found.state)
+        current = TaskState(found[0])
         if current.value in states and lease_owner is not None:
             raise LeaseLost(f"Task {task_id}: lease held by another worker")
         raise InvalidTransition(task_id, current, wanted)
@@ -150,24 +148,33 @@ class SqlStore(SqlEngine):
     async def _event(
         self, conn: AsyncConnection, task_id: str, seq: int, kind: str, payload: JSON, final: bool
     ) -> TaskEvent:
-        await conn.execute(
-            sa.insert(events).values(
-                task_id=task_id, seq=seq, kind=kind, final=final, payload=payload, created_at=now()
-            )
+        await run(
+            conn,
+            _INSERT_EVENT,
+            {
+                "task_id": task_id,
+                "seq": seq,
+                "kind": kind,
+                "final": final,
+                "payload": dumps(payload),
+                "created_at": now(),
+            },
         )
         return TaskEvent(task_id, seq, kind, payload, final)
 
     async def _message(self, conn: AsyncConnection, owner: str, message: JSON) -> None:
-        await conn.execute(
-            sa.insert(messages).values(
-                owner=owner,
-                message_id=message["messageId"],
-                task_id=message["taskId"],
-                context_id=message["contextId"],
-                role=message.get("role", "ROLE_USER"),
-                body=message,
-                created_at=now(),
-            )
+        await run(
+            conn,
+            _INSERT_MESSAGE,
+            {
+                "owner": owner,
+                "message_id": message["messageId"],
+                "task_id": message["taskId"],
+                "context_id": message["contextId"],
+                "role": message.get("role", "ROLE_USER"),
+                "body": dumps(message),
+                "created_at": now(),
+            },
         )
 
     async def _set_state(
@@ -179,22 +186,28 @@ class SqlStore(SqlEngine):
         *,
         owner: str | None = None,
         lease_owner: str | None = None,
-        extra: dict[str, Any] | None = None,
+        new_turn: bool = False,
     ) -> TaskEvent:
-        """``message`` must already name its task and context (``common.stamp``)."""
+        """``message`` must already name its task and context (``common.stamp``).
+
+        ``new_turn``: the attempt budget starts again (a follow-up message).
+        """
         ts = now()
-        values: dict[str, Any] = {
-            "state": to.value,
-            "version": tasks.c.version + 1,
-            "status_ts": ts,
-            "status_message": message,
-            **(extra or {}),
-        }
+        sets: tuple[str, ...] = _STATE_SETS
         if to.terminal or to.interrupted:
-            values.update(lease_owner=None, lease_expires=None)
-        allowed = [s.value for s in allowed_from(to)]
+            sets += _LEASE_CLEARED
+        if new_turn:
+            sets += ("attempts = 0",)
+        allowed = _ALLOWED_FROM[to]
         seq, context_id, task_owner = await self._bump(
-            conn, task_id, to, allowed, values, owner=owner, lease_owner=lease_owner
+            conn,
+            task_id,
+            to,
+            allowed,
+            sets,
+            {"state": to.value, "ts": ts, "status_message": dumps(message)},
+            owner=owner,
+            lease_owner=lease_owner,
         )
         if message is not None:
             await self._message(conn, task_owner, message)
@@ -210,37 +223,27 @@ class SqlStore(SqlEngine):
         owner: str | None,
         history_length: int | None = None,
     ) -> TaskRecord:
-        q = sa.select(tasks).where(tasks.c.id == task_id)
-        if owner is not None:
-            q = q.where(tasks.c.owner == owner)
-        row = (await conn.execute(q)).first()
+        row = await first(
+            conn,
+            _LOAD_TASK_OF_OWNER if owner is not None else _LOAD_TASK,
+            {"id": task_id, "owner": owner},
+        )
         if row is None:
             raise TaskNotFound(task_id)
-        task = _record(row)
-        task.artifacts = [
-            r[0]
-            for r in await conn.execute(
-                sa.select(artifacts.c.body)
-                .where(artifacts.c.task_id == task_id)
-                .order_by(artifacts.c.position)
-            )
-        ]
-        if history_length is None or history_length > 0:
-            hq = (
-                sa.select(messages.c.body)
-                .where(messages.c.task_id == task_id)
-                .order_by(messages.c.seq.desc())
-            )
-            if history_length is not None:
-                hq = hq.limit(history_length)
-            task.history = [r[0] for r in await conn.execute(hq)][::-1]
+        task = _task(row)
+        task.artifacts = [loads(r[0]) for r in await rows(conn, _LOAD_ARTIFACTS, {"id": task_id})]
+        if history_length is None:
+            history = await rows(conn, _LOAD_HISTORY, {"id": task_id})
+        elif history_length > 0:
+            history = await rows(conn, _LOAD_HISTORY_LAST, {"id": task_id, "n": history_length})
+        else:
+            history = []
+        task.history = [loads(r[0]) for r in reversed(history)]
         return task
 
     async def _seen(self, conn: AsyncConnection, owner: str, message_id: str) -> str | None:
-        q = sa.select(messages.c.task_id).where(
-            messages.c.owner == owner, messages.c.message_id == message_id
-        )
-        return (await conn.execute(q)).scalar_one_or_none()
+        row = await first(conn, _SEEN, {"owner": owner, "message_id": message_id})
+        return None if row is None else str(row[0])
 
     # -- TaskStore ----------------------------------------------------------
 
@@ -253,29 +256,17 @@ class SqlStore(SqlEngine):
         task_id = new_id()
 
         async def op(conn: AsyncConnection) -> Submitted:
-            seen = await self._seen(conn, owner, message["messageId"])
-            if seen is not None:
-                return await self._existing(conn, owner, seen, mine=seen == task_id)
+            # No look-up of the messageId first: a repeat fails the messages table's
+            # unique constraint, and ``raced`` answers it (the common case pays nothing).
             ts = now()
             ctx = context_id or new_id()
             if context_id is None:
-                await conn.execute(sa.insert(contexts).values(id=ctx, owner=owner, created_at=ts))
-            else:
-                # ON CONFLICT: two first messages of one new context may race to create it.
-                created = (
-                    await conn.execute(
-                        self._insert(contexts)
-                        .values(id=ctx, owner=owner, created_at=ts)
-                        .on_conflict_do_nothing()
-                        .returning(contexts.c.id)
-                    )
-                ).first()
-                if created is None:
-                    ctx_owner = (
-                        await conn.execute(sa.select(contexts.c.owner).where(contexts.c.id == ctx))
-                    ).scalar_one()
-                    if ctx_owner != owner:
-                        raise ContextMismatch(f"contextId {ctx} belongs to another principal")
+                await run(conn, _INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
+            # ON CONFLICT: two first messages of one new context may race to create it.
+            elif await first(conn, _ADD_CONTEXT, {"id": ctx, "owner": owner, "ts": ts}) is None:
+                ctx_owner = await first(conn, _CONTEXT_OWNER, {"id": ctx})
+                if ctx_owner is None or ctx_owner[0] != owner:
+                    raise ContextMismatch(f"contextId {ctx} belongs to another principal")
             task = TaskRecord(
                 id=task_id,
                 context_id=ctx,
@@ -286,19 +277,17 @@ class SqlStore(SqlEngine):
                 metadata=metadata,
                 last_seq=1,
             )
-            await conn.execute(
-                sa.insert(tasks).values(
-                    id=task.id,
-                    context_id=ctx,
-                    owner=owner,
-                    state=task.state.value,
-                    version=0,
-                    status_ts=ts,
-                    created_at=ts,
-                    metadata=metadata,
-                    last_seq=1,
-                    attempts=0,
-                )
+            await run(
+                conn,
+                _INSERT_TASK,
+                {
+                    "id": task_id,
+                    "context_id": ctx,
+                    "owner": owner,
+                    "state": task.state.value,
+                    "ts": ts,
+                    "metadata": dumps(metadata),
+                },
             )
             stored = stamp(message, task.id, ctx)
             await self._message(conn, owner, stored)
@@ -308,13 +297,13 @@ class SqlStore(SqlEngine):
             return Submitted(task, True, event)
 
         async def raced() -> Submitted:
-            """A concurrent submit of the same messageId won the unique constraint."""
+            """The messageId was used before, or a commit of ours of unknown outcome landed."""
 
             async def existing(conn: AsyncConnection) -> Submitted:
                 seen = await self._seen(conn, owner, message["messageId"])
                 if seen is None:
                     raise InvalidInput(f"messageId {message['messageId']} conflicts")
-                return await self._existing(conn, owner, seen, mine=False)
+                return await self._existing(conn, owner, seen, mine=seen == task_id)
 
             return await self._read(existing)
 
@@ -349,7 +338,7 @@ class SqlStore(SqlEngine):
             try:
                 # A new turn: the attempt budget is per turn, not per conversation.
                 event = await self._set_state(
-                    conn, task_id, TaskState.SUBMITTED, None, owner=owner, extra={"attempts": 0}
+                    conn, task_id, TaskState.SUBMITTED, None, owner=owner, new_turn=True
                 )
             except InvalidTransition as exc:
                 # Also reached when a concurrent message moved the task after our SELECT.
@@ -470,8 +459,9 @@ class SqlStore(SqlEngine):
                 conn,
                 task_id,
                 TaskState.WORKING,
-                [TaskState.WORKING.value],
-                {"status_ts": ts, "status_message": message},
+                _WORKING,
+                ("status_ts = :ts", "status_message = :status_message"),
+                {"ts": ts, "status_message": dumps(message)},
                 lease_owner=lease_owner,
             )
             payload = status_payload(task_id, context_id, TaskState.WORKING, message, ts)
@@ -492,12 +482,7 @@ class SqlStore(SqlEngine):
 
         async def op(conn: AsyncConnection) -> TaskEvent:
             seq, context_id, _ = await self._bump(
-                conn,
-                task_id,
-                TaskState.WORKING,
-                [TaskState.WORKING.value],
-                {},
-                lease_owner=lease_owner,
+                conn, task_id, TaskState.WORKING, _WORKING, (), {}, lease_owner=lease_owner
             )
             key = (
                 artifacts.c.task_id == task_id,
@@ -553,46 +538,34 @@ class SqlStore(SqlEngine):
     async def _events(
         self, conn: AsyncConnection, task_id: str, after_seq: int, limit: int | None = None
     ) -> list[TaskEvent]:
-        q = (
-            sa.select(events.c.seq, events.c.kind, events.c.payload, events.c.final)
-            .where(events.c.task_id == task_id, events.c.seq > after_seq)
-            .order_by(events.c.seq)
-            .limit(limit)
+        found = await rows(
+            conn,
+            _EVENTS_AFTER if limit is None else _EVENTS_AFTER_FIRST,
+            {"id": task_id, "after": after_seq, "n": limit},
         )
-        return [
-            TaskEvent(task_id, r.seq, r.kind, r.payload, r.final) for r in await conn.execute(q)
-        ]
+        return [TaskEvent(task_id, r[0], r[1], loads(r[2]), bool(r[3])) for r in found]
 
     async def claim(
         self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
     ) -> Claim | None:
         async def op(conn: AsyncConnection) -> Claim | None:
             t = now()
-            stmt = (
-                sa.update(tasks)
-                .where(
-                    tasks.c.id == task_id,
-                    tasks.c.state.in_(_ACTIVE),
-                    sa.or_(tasks.c.lease_owner.is_(None), tasks.c.lease_expires <= t),
-                )
-                .values(
-                    lease_owner=worker,
-                    lease_expires=t + lease_seconds,
-                    attempts=tasks.c.attempts + 1,
-                )
-                .returning(tasks.c.state, tasks.c.attempts, tasks.c.context_id)
+            row = await first(
+                conn,
+                _CLAIM,
+                {"id": task_id, "worker": worker, "now": t, "expires": t + lease_seconds},
             )
-            row = (await conn.execute(stmt)).first()
             if row is None:
                 return None
-            if row.attempts > max_attempts:
-                gave_up = stamp(gave_up_message(max_attempts), task_id, row.context_id)
+            state, attempts, context_id = row
+            if attempts > max_attempts:
+                gave_up = stamp(gave_up_message(max_attempts), task_id, context_id)
                 failed = await self._set_state(
                     conn, task_id, TaskState.FAILED, gave_up, lease_owner=worker
                 )
                 return Claim(None, [failed])
             written = []
-            if row.state == TaskState.SUBMITTED.value:
+            if state == TaskState.SUBMITTED.value:
                 written.append(
                     await self._set_state(
                         conn, task_id, TaskState.WORKING, None, lease_owner=worker
@@ -856,20 +829,109 @@ def _operation(row: sa.Row[Any]) -> Operation:
     )
 
 
-def _record(row: sa.Row[Any]) -> TaskRecord:
-    m = row._mapping
+def _task(row: Sequence[Any]) -> TaskRecord:
+    """A ``tasks`` row read with ``_TASK_COLUMNS``."""
     return TaskRecord(
-        id=m["id"],
-        context_id=m["context_id"],
-        owner=m["owner"],
-        state=TaskState(m["state"]),
-        version=m["version"],
-        status_message=m["status_message"],
-        status_ts=m["status_ts"],
-        created_at=m["created_at"],
-        metadata=m["metadata"],
-        last_seq=m["last_seq"],
-        attempts=m["attempts"],
-        lease_owner=m["lease_owner"],
-        lease_expires=m["lease_expires"],
+        id=row[0],
+        context_id=row[1],
+        owner=row[2],
+        state=TaskState(row[3]),
+        version=row[4],
+        status_message=loads(row[5]),
+        status_ts=row[6],
+        created_at=row[7],
+        metadata=loads(row[8]),
+        last_seq=row[9],
+        attempts=row[10],
+        lease_owner=row[11],
+        lease_expires=row[12],
     )
+
+
+def _record(row: sa.Row[Any]) -> TaskRecord:
+    """A ``tasks`` row read with SQLAlchemy (JSON already decoded)."""
+    return _task(tuple(row._mapping[c] for c in _TASK_COLUMN_NAMES))
+
+
+# -- the hot path's SQL (see sql_exec) -------------------------------------------
+
+_TASK_COLUMN_NAMES = (
+    "id",
+    "context_id",
+    "owner",
+    "state",
+    "version",
+    "status_message",
+    "status_ts",
+    "created_at",
+    "metadata",
+    "last_seq",
+    "attempts",
+    "lease_owner",
+    "lease_expires",
+)
+_TASK_COLUMNS = ", ".join(_TASK_COLUMN_NAMES)
+
+
+def _states(states: Sequence[str]) -> str:
+    # Enum values, never user input: safe to inline, and one prepared statement each.
+    return ", ".join(f"'{s}'" for s in states)
+
+
+_ALLOWED_FROM = {to: tuple(sorted(s.value for s in allowed_from(to))) for to in TaskState}
+_WORKING = (TaskState.WORKING.value,)
+_STATE_SETS = (
+    "state = :state",
+    "version = version + 1",
+    "status_ts = :ts",
+    "status_message = :status_message",
+)
+_LEASE_CLEARED = ("lease_owner = NULL", "lease_expires = NULL")
+
+
+@functools.cache
+def _bump_sql(sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: bool) -> str:
+    where = f"id = :id AND state IN ({_states(states)})"
+    if owner:
+        where += " AND owner = :owner"
+    if lease:
+        where += " AND lease_owner = :lease_owner"
+    assign = ", ".join(("last_seq = last_seq + 1", *sets))
+    return f"UPDATE tasks SET {assign} WHERE {where} RETURNING last_seq, context_id, owner"
+
+
+_FIND_STATE = "SELECT state, lease_owner FROM tasks WHERE id = :id"
+_FIND_STATE_OF_OWNER = _FIND_STATE + " AND owner = :owner"
+_LOAD_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = :id"
+_LOAD_TASK_OF_OWNER = _LOAD_TASK + " AND owner = :owner"
+_LOAD_ARTIFACTS = "SELECT body FROM artifacts WHERE task_id = :id ORDER BY position"
+_LOAD_HISTORY = "SELECT body FROM messages WHERE task_id = :id ORDER BY seq DESC"
+_LOAD_HISTORY_LAST = _LOAD_HISTORY + " LIMIT :n"
+_SEEN = "SELECT task_id FROM messages WHERE owner = :owner AND message_id = :message_id"
+_EVENTS_AFTER = (
+    "SELECT seq, kind, payload, final FROM events WHERE task_id = :id AND seq > :after ORDER BY seq"
+)
+_EVENTS_AFTER_FIRST = _EVENTS_AFTER + " LIMIT :n"
+_INSERT_CONTEXT = "INSERT INTO contexts (id, owner, created_at) VALUES (:id, :owner, :ts)"
+_ADD_CONTEXT = _INSERT_CONTEXT + " ON CONFLICT (id) DO NOTHING RETURNING id"
+_CONTEXT_OWNER = "SELECT owner FROM contexts WHERE id = :id"
+_INSERT_TASK = (
+    "INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
+    "metadata, last_seq, attempts) "
+    "VALUES (:id, :context_id, :owner, :state, 0, :ts, :ts, :metadata, 1, 0)"
+)
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (owner, message_id, task_id, context_id, role, body, created_at) "
+    "VALUES (:owner, :message_id, :task_id, :context_id, :role, :body, :created_at)"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
+    "VALUES (:task_id, :seq, :kind, :final, :payload, :created_at)"
+)
+_CLAIM = (
+    "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
+    "attempts = attempts + 1 "
+    f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) "
+    "AND (lease_owner IS NULL OR lease_expires <= :now) "
+    "RETURNING state, attempts, context_id"
+)

@@ -28,6 +28,8 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.store import sqlite_inline
+from tether.store.sql_exec import driver
+from tether.store.sqlite_batch import GroupCommit
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
@@ -112,12 +114,9 @@ class SqlEngine:
         self._lock_file: int | None = None
         kwargs: dict[str, Any] = {"json_serializer": _dumps, "json_deserializer": orjson.loads}
         if self.dialect == "sqlite":
-            # One writer at a time in-process; WAL lets readers go on meanwhile.
-            self._write_lock: asyncio.Lock | None = asyncio.Lock()
             path = make_url(url).database or ":memory:"
             kwargs["async_creator"] = sqlite_inline.connector(path, command_timeout)
         else:
-            self._write_lock = None
             kwargs.update(
                 pool_size=pool_size,
                 max_overflow=max_overflow,
@@ -132,6 +131,9 @@ class SqlEngine:
                 },
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # SQLite: one writer, whose transactions share commits (WAL lets readers go on).
+        self._batch = GroupCommit(self.engine) if self.dialect == "sqlite" else None
+        self._reader: AsyncConnection | None = None
         if self.dialect == "sqlite":
             busy_ms = int(command_timeout * 1000)
             sa_event.listen(
@@ -151,6 +153,11 @@ class SqlEngine:
             await self._retrying(lambda: upgrade(self.engine))
 
     async def close(self) -> None:
+        if self._batch is not None:
+            await self._batch.close()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
         await self.engine.dispose()
         if self._lock_file is not None:
             os.close(self._lock_file)
@@ -245,14 +252,10 @@ class SqlEngine:
         raise AssertionError("unreachable")
 
     async def _transaction(self, op: Op[T]) -> T:
+        """A PostgreSQL transaction (SQLite's go through ``GroupCommit``)."""
         async with self.engine.connect() as conn:
             await conn.begin()
             result = await op(conn)
-            if self.dialect == "sqlite":
-                # A failed SQLite COMMIT leaves the transaction open and is rolled back on
-                # close: never ambiguous, so an ordinary retry is safe.
-                await conn.commit()
-                return result
             try:
                 await conn.commit()
             except Exception as exc:
@@ -275,10 +278,9 @@ class SqlEngine:
         """
 
         async def once() -> T:
-            if self._write_lock is None:
-                return await self._transaction(op)
-            async with self._write_lock:
-                return await self._transaction(op)
+            if self._batch is not None:
+                return await self._batch.run(op)
+            return await self._transaction(op)
 
         try:
             return await self._retrying(once, idempotent=idempotent, verify=verify)
@@ -292,7 +294,40 @@ class SqlEngine:
             async with self.engine.connect() as conn:
                 return await op(conn)
 
-        return await self._retrying(once)
+        async def shared() -> T:
+            conn = await self._reading()
+            raw = driver(conn)
+            # One read transaction: the op's statements see one snapshot, and SQLite
+            # takes its WAL read lock once instead of once per statement.
+            own = not raw.in_transaction
+            if own:
+                raw.execute("BEGIN")
+            try:
+                return await op(conn)
+            finally:
+                if own and raw.in_transaction:
+                    raw.execute("COMMIT")
+                if conn.invalidated and self._reader is conn:
+                    self._reader = None
+                    await conn.close()
+
+        return await self._retrying(shared if self.dialect == "sqlite" else once)
+
+    async def _reading(self) -> AsyncConnection:
+        """SQLite's one read connection, kept open.
+
+        Checking a connection out of SQLAlchemy's pool costs more than the reads it
+        serves, and concurrent reads would open (and close) overflow connections.
+        SQLite calls run on the loop without yielding, so reads never overlap on it;
+        outside a transaction each statement sees the latest commit.
+        """
+        if self._reader is None:
+            conn = await self.engine.connect()
+            if self._reader is None:
+                self._reader = conn
+            else:
+                await conn.close()  # another read opened one meanwhile
+        return self._reader
 
 
 def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:

@@ -6,6 +6,7 @@ canonical shape on disk and on the wire, so nothing is converted twice.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +32,15 @@ def now() -> float:
 
 def iso(ts: float) -> str:
     """ISO 8601 UTC with milliseconds, as the spec's timestamp rule asks."""
-    ms = round(ts * 1000)
-    secs, ms = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+    secs, ms = divmod(round(ts * 1000), 1000)
+    return f"{_iso_seconds(secs)}.{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_seconds(secs: int) -> str:
+    # A task's timestamps fall within a few seconds of each other: formatting each
+    # second once takes strftime off the hot path.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
 
 
 def text_message(role: str, text: str, **extra: Any) -> JSON:

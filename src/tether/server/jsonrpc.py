@@ -54,7 +54,9 @@ UNAUTHENTICATED = -32030
 
 def negotiate(request: Request, method: str) -> str:
     """The A2A version of this call: header, then query parameter, then the method's style."""
-    raw = request.headers.get("a2a-version") or request.query_params.get("A2A-Version") or ""
+    raw = request.headers.get("a2a-version") or ""
+    if not raw and request.scope.get("query_string"):
+        raw = request.query_params.get("A2A-Version") or ""
     raw = raw.strip()
     if not raw:
         return V03 if "/" in method else V10

@@ -230,7 +230,13 @@ class SqlStore(SqlEngine):
         )
         if row is None:
             raise TaskNotFound(task_id)
-        task = _task(row)
+        return await self._fill(conn, _task(row), history_length)
+
+    async def _fill(
+        self, conn: AsyncConnection, task: TaskRecord, history_length: int | None
+    ) -> TaskRecord:
+        """Reads ``task``'s artifacts and its last ``history_length`` messages into it."""
+        task_id = task.id
         task.artifacts = [loads(r[0]) for r in await rows(conn, _LOAD_ARTIFACTS, {"id": task_id})]
         if history_length is None:
             history = await rows(conn, _LOAD_HISTORY, {"id": task_id})
@@ -550,11 +556,15 @@ class SqlStore(SqlEngine):
     ) -> Claim | None:
         async def op(conn: AsyncConnection) -> Claim | None:
             t = now()
-            row = await first(
-                conn,
-                _CLAIM,
-                {"id": task_id, "worker": worker, "now": t, "expires": t + lease_seconds},
-            )
+            params = {"id": task_id, "worker": worker, "now": t, "expires": t + lease_seconds}
+            # The common case, a task never started: leased and started in one statement.
+            fresh = await first(conn, _CLAIM_FRESH, {**params, "max_attempts": max_attempts})
+            if fresh is not None:
+                task = _task(fresh)
+                payload = status_payload(task_id, task.context_id, task.state, None, t)
+                started = await self._event(conn, task_id, task.last_seq, "status", payload, False)
+                return Claim(await self._fill(conn, task, None), [started])
+            row = await first(conn, _CLAIM, params)
             if row is None:
                 return None
             state, attempts, context_id = row
@@ -927,6 +937,15 @@ _INSERT_MESSAGE = (
 _INSERT_EVENT = (
     "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
     "VALUES (:task_id, :seq, :kind, :final, :payload, :created_at)"
+)
+assert TaskState.SUBMITTED in allowed_from(TaskState.WORKING)
+_CLAIM_FRESH = (
+    "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
+    f"attempts = attempts + 1, state = '{TaskState.WORKING.value}', version = version + 1, "
+    "status_ts = :now, status_message = NULL, last_seq = last_seq + 1 "
+    f"WHERE id = :id AND state = '{TaskState.SUBMITTED.value}' AND attempts < :max_attempts "
+    "AND (lease_owner IS NULL OR lease_expires <= :now) "
+    f"RETURNING {_TASK_COLUMNS}"
 )
 _CLAIM = (
     "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "

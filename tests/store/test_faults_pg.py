@@ -11,9 +11,7 @@ from typing import TypeVar
 
 import asyncpg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection
 from storekit import (
     OWNER,
     PG_ADMIN_URL,
@@ -29,6 +27,7 @@ from tether.core.errors import InvalidInput, InvalidTransition, StoreUnavailable
 from tether.core.types import JSON, Feedback, TaskRecord
 from tether.store.base import ListQuery
 from tether.store.sql import SqlStore
+from tether.store.sql_exec import Db
 
 pytestmark = pytest.mark.postgres
 
@@ -413,7 +412,7 @@ async def test_serialization_failures_are_retried(
 async def test_deadlock_victim_is_retried(
     own_db: str, admin: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A real 40P01 from PostgreSQL, seen through SQLAlchemy and asyncpg, is retried."""
+    """A real 40P01 from PostgreSQL, as asyncpg reports it, is retried."""
     caplog.set_level(logging.WARNING, logger="tether.store")
     store = SqlStore(own_db, run_migrations=False)
     await store.start()
@@ -432,13 +431,13 @@ async def test_deadlock_victim_is_retried(
         attempts = 0
         store_holds_b = asyncio.Event()
 
-        async def op(conn: AsyncConnection) -> int:
+        async def op(db: Db) -> int:
             nonlocal attempts
             attempts += 1
             bump = "UPDATE tasks SET version = version + 1 WHERE id = :id"
-            await conn.execute(sa.text(bump), {"id": b.id})
+            await db.run(bump, {"id": b.id})
             store_holds_b.set()
-            await conn.execute(sa.text(bump), {"id": a.id})  # waits for the other session
+            await db.run(bump, {"id": a.id})  # waits for the other session
             return attempts
 
         async def other_side() -> None:

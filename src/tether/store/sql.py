@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
-
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
-from sqlalchemy.dialects import sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tether.core.errors import (
     ContextMismatch,
@@ -66,21 +61,11 @@ from tether.store.common import (
     status_payload,
     trim_history,
 )
-from tether.store.schema import (
-    artifacts,
-    events,
-    feedback,
-    messages,
-    operations,
-    tasks,
-)
 from tether.store.sql_engine import SqlEngine
-from tether.store.sql_exec import dumps, first, loads, rows, run
+from tether.store.sql_exec import Db, dumps, in_list, loads
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
-Op = Callable[[AsyncConnection], Awaitable[T]]
-Verify = Callable[[AsyncConnection, T], Awaitable[bool]]
 
 _ACTIVE = [s.value for s in ACTIVE]
 _TERMINAL = [s.value for s in TERMINAL]
@@ -88,32 +73,26 @@ _TERMINAL = [s.value for s in TERMINAL]
 
 class SqlStore(SqlEngine):
     @staticmethod
-    async def _logged(conn: AsyncConnection, written: Sequence[TaskEvent]) -> bool:
+    async def _logged(db: Db, written: Sequence[TaskEvent]) -> bool:
         """True when each event is stored as written: its commit landed.
 
         A sequence number is taken under the task's row lock, so if the lost commit did
         not land no other writer can have stored this very payload at that number.
         """
         for event in written:
-            row = (
-                await conn.execute(
-                    sa.select(events.c.kind, events.c.payload).where(
-                        events.c.task_id == event.task_id, events.c.seq == event.seq
-                    )
-                )
-            ).first()
-            if row is None or (row.kind, row.payload) != (event.kind, event.payload):
+            row = await db.first(_EVENT_AT, {"id": event.task_id, "seq": event.seq})
+            if row is None or (row[0], loads(row[1])) != (event.kind, event.payload):
                 return False
         return True
 
-    async def _event_landed(self, conn: AsyncConnection, event: TaskEvent) -> bool:
-        return await self._logged(conn, [event])
+    async def _event_landed(self, db: Db, event: TaskEvent) -> bool:
+        return await self._logged(db, [event])
 
     # -- building blocks ----------------------------------------------------
 
     async def _bump(
         self,
-        conn: AsyncConnection,
+        db: Db,
         task_id: str,
         wanted: TaskState,
         states: Sequence[str],
@@ -128,13 +107,12 @@ class SqlStore(SqlEngine):
         ``sets`` are ``column = expression`` fragments; ``params`` their values.
         """
         sql = _bump_sql(sets, tuple(states), owner is not None, lease_owner is not None)
-        row = await first(
-            conn, sql, {**params, "id": task_id, "owner": owner, "lease_owner": lease_owner}
+        row = await db.first(
+            sql, {**params, "id": task_id, "owner": owner, "lease_owner": lease_owner}
         )
         if row is not None:
             return int(row[0]), str(row[1]), str(row[2])
-        found = await first(
-            conn,
+        found = await db.first(
             _FIND_STATE_OF_OWNER if owner is not None else _FIND_STATE,
             {"id": task_id, "owner": owner},
         )
@@ -146,10 +124,9 @@ class SqlStore(SqlEngine):
         raise InvalidTransition(task_id, current, wanted)
 
     async def _event(
-        self, conn: AsyncConnection, task_id: str, seq: int, kind: str, payload: JSON, final: bool
+        self, db: Db, task_id: str, seq: int, kind: str, payload: JSON, final: bool
     ) -> TaskEvent:
-        await run(
-            conn,
+        await db.run(
             _INSERT_EVENT,
             {
                 "task_id": task_id,
@@ -162,9 +139,8 @@ class SqlStore(SqlEngine):
         )
         return TaskEvent(task_id, seq, kind, payload, final)
 
-    async def _message(self, conn: AsyncConnection, owner: str, message: JSON) -> None:
-        await run(
-            conn,
+    async def _message(self, db: Db, owner: str, message: JSON) -> None:
+        await db.run(
             _INSERT_MESSAGE,
             {
                 "owner": owner,
@@ -179,7 +155,7 @@ class SqlStore(SqlEngine):
 
     async def _set_state(
         self,
-        conn: AsyncConnection,
+        db: Db,
         task_id: str,
         to: TaskState,
         message: JSON | None,
@@ -200,7 +176,7 @@ class SqlStore(SqlEngine):
             sets += ("attempts = 0",)
         allowed = _ALLOWED_FROM[to]
         seq, context_id, task_owner = await self._bump(
-            conn,
+            db,
             task_id,
             to,
             allowed,
@@ -210,45 +186,40 @@ class SqlStore(SqlEngine):
             lease_owner=lease_owner,
         )
         if message is not None:
-            await self._message(conn, task_owner, message)
+            await self._message(db, task_owner, message)
         payload = status_payload(task_id, context_id, to, message, ts)
-        return await self._event(
-            conn, task_id, seq, "status", payload, to.terminal or to.interrupted
-        )
+        return await self._event(db, task_id, seq, "status", payload, to.terminal or to.interrupted)
 
     async def _load(
         self,
-        conn: AsyncConnection,
+        db: Db,
         task_id: str,
         owner: str | None,
         history_length: int | None = None,
     ) -> TaskRecord:
-        row = await first(
-            conn,
+        row = await db.first(
             _LOAD_TASK_OF_OWNER if owner is not None else _LOAD_TASK,
             {"id": task_id, "owner": owner},
         )
         if row is None:
             raise TaskNotFound(task_id)
-        return await self._fill(conn, _task(row), history_length)
+        return await self._fill(db, _task(row), history_length)
 
-    async def _fill(
-        self, conn: AsyncConnection, task: TaskRecord, history_length: int | None
-    ) -> TaskRecord:
+    async def _fill(self, db: Db, task: TaskRecord, history_length: int | None) -> TaskRecord:
         """Reads ``task``'s artifacts and its last ``history_length`` messages into it."""
         task_id = task.id
-        task.artifacts = [loads(r[0]) for r in await rows(conn, _LOAD_ARTIFACTS, {"id": task_id})]
+        task.artifacts = [loads(r[0]) for r in await db.rows(_LOAD_ARTIFACTS, {"id": task_id})]
         if history_length is None:
-            history = await rows(conn, _LOAD_HISTORY, {"id": task_id})
+            history = await db.rows(_LOAD_HISTORY, {"id": task_id})
         elif history_length > 0:
-            history = await rows(conn, _LOAD_HISTORY_LAST, {"id": task_id, "n": history_length})
+            history = await db.rows(_LOAD_HISTORY_LAST, {"id": task_id, "n": history_length})
         else:
             history = []
         task.history = [loads(r[0]) for r in reversed(history)]
         return task
 
-    async def _seen(self, conn: AsyncConnection, owner: str, message_id: str) -> str | None:
-        row = await first(conn, _SEEN, {"owner": owner, "message_id": message_id})
+    async def _seen(self, db: Db, owner: str, message_id: str) -> str | None:
+        row = await db.first(_SEEN, {"owner": owner, "message_id": message_id})
         return None if row is None else str(row[0])
 
     # -- TaskStore ----------------------------------------------------------
@@ -261,16 +232,16 @@ class SqlStore(SqlEngine):
         # stored knows its own lost-acknowledgement commit created it.
         task_id = new_id()
 
-        async def op(conn: AsyncConnection) -> Submitted:
+        async def op(db: Db) -> Submitted:
             # No look-up of the messageId first: a repeat fails the messages table's
             # unique constraint, and ``raced`` answers it (the common case pays nothing).
             ts = now()
             ctx = context_id or new_id()
             if context_id is None:
-                await run(conn, _INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
+                await db.run(_INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
             # ON CONFLICT: two first messages of one new context may race to create it.
-            elif await first(conn, _ADD_CONTEXT, {"id": ctx, "owner": owner, "ts": ts}) is None:
-                ctx_owner = await first(conn, _CONTEXT_OWNER, {"id": ctx})
+            elif await db.first(_ADD_CONTEXT, {"id": ctx, "owner": owner, "ts": ts}) is None:
+                ctx_owner = await db.first(_CONTEXT_OWNER, {"id": ctx})
                 if ctx_owner is None or ctx_owner[0] != owner:
                     raise ContextMismatch(f"contextId {ctx} belongs to another principal")
             task = TaskRecord(
@@ -283,8 +254,7 @@ class SqlStore(SqlEngine):
                 metadata=metadata,
                 last_seq=1,
             )
-            await run(
-                conn,
+            await db.run(
                 _INSERT_TASK,
                 {
                     "id": task_id,
@@ -296,55 +266,46 @@ class SqlStore(SqlEngine):
                 },
             )
             stored = stamp(message, task.id, ctx)
-            await self._message(conn, owner, stored)
+            await self._message(db, owner, stored)
             task.history = [stored]
             payload = status_payload(task.id, ctx, task.state, None, ts)
-            event = await self._event(conn, task.id, 1, "status", payload, False)
+            event = await self._event(db, task.id, 1, "status", payload, False)
             return Submitted(task, True, event)
 
         async def raced() -> Submitted:
             """The messageId was used before, or a commit of ours of unknown outcome landed."""
 
-            async def existing(conn: AsyncConnection) -> Submitted:
-                seen = await self._seen(conn, owner, message["messageId"])
+            async def existing(db: Db) -> Submitted:
+                seen = await self._seen(db, owner, message["messageId"])
                 if seen is None:
                     raise InvalidInput(f"messageId {message['messageId']} conflicts")
-                return await self._existing(conn, owner, seen, mine=seen == task_id)
+                return await self._existing(db, owner, seen, mine=seen == task_id)
 
             return await self._read(existing)
 
         return await self._write(op, idempotent=True, on_conflict=raced)
 
-    async def _existing(
-        self, conn: AsyncConnection, owner: str, task_id: str, *, mine: bool
-    ) -> Submitted:
-        task = await self._load(conn, task_id, owner)
+    async def _existing(self, db: Db, owner: str, task_id: str, *, mine: bool) -> Submitted:
+        task = await self._load(db, task_id, owner)
         if not mine:
             return Submitted(task, False, None)
-        first = await self._events(conn, task_id, 0, limit=1)
+        first = await self._events(db, task_id, 0, limit=1)
         return Submitted(task, True, first[0] if first else None)
-
-    def _insert(self, table: sa.Table) -> pg.Insert | sqlite.Insert:
-        """An INSERT that knows ON CONFLICT, in this engine's dialect."""
-        return pg.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
 
     async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
         check_message(message)
 
-        async def op(conn: AsyncConnection) -> Submitted:
-            seen = await self._seen(conn, owner, message["messageId"])
+        async def op(db: Db) -> Submitted:
+            seen = await self._seen(db, owner, message["messageId"])
             if seen is not None:
-                return Submitted(await self._load(conn, seen, owner), False, None)
-            q = sa.select(tasks.c.state, tasks.c.context_id).where(
-                tasks.c.id == task_id, tasks.c.owner == owner
-            )
-            row = (await conn.execute(q)).first()
+                return Submitted(await self._load(db, seen, owner), False, None)
+            row = await db.first(_CONTEXT_OF_TASK, {"id": task_id, "owner": owner})
             if row is None:
                 raise TaskNotFound(task_id)
             try:
                 # A new turn: the attempt budget is per turn, not per conversation.
                 event = await self._set_state(
-                    conn, task_id, TaskState.SUBMITTED, None, owner=owner, new_turn=True
+                    db, task_id, TaskState.SUBMITTED, None, owner=owner, new_turn=True
                 )
             except InvalidTransition as exc:
                 # Also reached when a concurrent message moved the task after our SELECT.
@@ -354,18 +315,18 @@ class SqlStore(SqlEngine):
                     f"Task {task_id} is {exc.current.value}; "
                     "send the next message once it asks for input"
                 ) from None
-            await self._message(conn, owner, stamp(message, task_id, row.context_id))
-            return Submitted(await self._load(conn, task_id, owner), True, event)
+            await self._message(db, owner, stamp(message, task_id, row[0]))
+            return Submitted(await self._load(db, task_id, owner), True, event)
 
-        async def landed(conn: AsyncConnection, sub: Submitted) -> bool:
-            return sub.event is not None and await self._logged(conn, [sub.event])
+        async def landed(db: Db, sub: Submitted) -> bool:
+            return sub.event is not None and await self._logged(db, [sub.event])
 
         async def raced() -> Submitted:
-            async def existing(conn: AsyncConnection) -> Submitted:
-                seen = await self._seen(conn, owner, message["messageId"])
+            async def existing(db: Db) -> Submitted:
+                seen = await self._seen(db, owner, message["messageId"])
                 if seen is None:
                     raise InvalidInput(f"messageId {message['messageId']} conflicts")
-                return Submitted(await self._load(conn, seen, owner), False, None)
+                return Submitted(await self._load(db, seen, owner), False, None)
 
             return await self._read(existing)
 
@@ -374,63 +335,65 @@ class SqlStore(SqlEngine):
     async def get_task(
         self, owner: str | None, task_id: str, history_length: int | None = None
     ) -> TaskRecord:
-        return await self._read(lambda conn: self._load(conn, task_id, owner, history_length))
+        return await self._read(lambda db: self._load(db, task_id, owner, history_length))
 
     async def list_tasks(self, query: ListQuery) -> TaskPage:
         size = page_size(query.page_size)
         cursor = decode_cursor(query.page_token)
-        cond = [tasks.c.owner == query.owner]
+        where = "owner = :owner"
+        params: dict[str, Any] = {"owner": query.owner}
         if query.context_id is not None:
-            cond.append(tasks.c.context_id == query.context_id)
+            where += " AND context_id = :context_id"
+            params["context_id"] = query.context_id
         if query.state is not None:
-            cond.append(tasks.c.state == query.state.value)
+            where += " AND state = :state"
+            params["state"] = query.state.value
         if query.status_after is not None:
-            cond.append(tasks.c.status_ts > query.status_after)
+            where += " AND status_ts > :after"
+            params["after"] = query.status_after
 
-        async def op(conn: AsyncConnection) -> TaskPage:
-            total = (
-                await conn.execute(sa.select(sa.func.count()).select_from(tasks).where(*cond))
-            ).scalar_one()
-            q = sa.select(tasks).where(*cond)
+        async def op(db: Db) -> TaskPage:
+            count = await db.first(f"SELECT count(*) FROM tasks WHERE {where}", params)
+            page_where = where
             if cursor is not None:
-                q = q.where(sa.tuple_(tasks.c.status_ts, tasks.c.id) < sa.tuple_(*cursor))
-            q = q.order_by(tasks.c.status_ts.desc(), tasks.c.id.desc()).limit(size + 1)
-            rows = (await conn.execute(q)).all()
-            page = [_record(r) for r in rows[:size]]
-            ids = [t.id for t in page]
+                page_where += " AND (status_ts, id) < (:cursor_ts, :cursor_id)"
+            found = await db.rows(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE {page_where} "
+                "ORDER BY status_ts DESC, id DESC LIMIT :limit",
+                {
+                    **params,
+                    "cursor_ts": cursor and cursor[0],
+                    "cursor_id": cursor and cursor[1],
+                    "limit": size + 1,
+                },
+            )
+            page = [_task(r) for r in found[:size]]
             by_id = {t.id: t for t in page}
-            if ids and query.include_artifacts:
-                aq = (
-                    sa.select(artifacts.c.task_id, artifacts.c.body)
-                    .where(artifacts.c.task_id.in_(ids))
-                    .order_by(artifacts.c.task_id, artifacts.c.position)
-                )
-                for task_id, body in await conn.execute(aq):
-                    by_id[task_id].artifacts.append(body)
-            if ids and (query.history_length is None or query.history_length > 0):
-                mq = (
-                    sa.select(messages.c.task_id, messages.c.body)
-                    .where(messages.c.task_id.in_(ids))
-                    .order_by(messages.c.seq)
-                )
-                for task_id, body in await conn.execute(mq):
-                    by_id[task_id].history.append(body)
+            ids, id_params = in_list("id", list(by_id))
+            if by_id and query.include_artifacts:
+                for task_id, body in await db.rows(
+                    f"SELECT task_id, body FROM artifacts WHERE task_id IN ({ids}) "
+                    "ORDER BY task_id, position",
+                    id_params,
+                ):
+                    by_id[task_id].artifacts.append(loads(body))
+            if by_id and (query.history_length is None or query.history_length > 0):
+                for task_id, body in await db.rows(
+                    f"SELECT task_id, body FROM messages WHERE task_id IN ({ids}) ORDER BY seq",
+                    id_params,
+                ):
+                    by_id[task_id].history.append(loads(body))
                 for t in page:
                     t.history = trim_history(t.history, query.history_length)
-            token = encode_cursor(page[-1].status_ts, page[-1].id) if len(rows) > size else ""
-            return TaskPage(page, token, int(total))
+            token = encode_cursor(page[-1].status_ts, page[-1].id) if len(found) > size else ""
+            return TaskPage(page, token, int(count[0]) if count else 0)
 
         return await self._read(op)
 
     async def context_history(self, owner: str, context_id: str) -> list[JSON]:
-        async def op(conn: AsyncConnection) -> list[JSON]:
-            q = (
-                sa.select(messages.c.body)
-                .join(tasks, tasks.c.id == messages.c.task_id)
-                .where(messages.c.context_id == context_id, tasks.c.owner == owner)
-                .order_by(messages.c.seq)
-            )
-            return [r[0] for r in await conn.execute(q)]
+        async def op(db: Db) -> list[JSON]:
+            found = await db.rows(_CONTEXT_HISTORY, {"context_id": context_id, "owner": owner})
+            return [loads(r[0]) for r in found]
 
         return await self._read(op)
 
@@ -445,24 +408,24 @@ class SqlStore(SqlEngine):
         if message is not None:
             check_message(message)
         return await self._write(
-            lambda conn: self._set_state(conn, task_id, to, message, lease_owner=lease_owner),
+            lambda db: self._set_state(db, task_id, to, message, lease_owner=lease_owner),
             verify=self._event_landed,
         )
 
     async def cancel(self, owner: str, task_id: str) -> TaskEvent:
-        async def op(conn: AsyncConnection) -> TaskEvent:
+        async def op(db: Db) -> TaskEvent:
             try:
-                return await self._set_state(conn, task_id, TaskState.CANCELED, None, owner=owner)
+                return await self._set_state(db, task_id, TaskState.CANCELED, None, owner=owner)
             except InvalidTransition as exc:
                 raise TaskNotCancelable(task_id, exc.current, TaskState.CANCELED) from None
 
         return await self._write(op, verify=self._event_landed)
 
     async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
-        async def op(conn: AsyncConnection) -> TaskEvent:
+        async def op(db: Db) -> TaskEvent:
             ts = now()
             seq, context_id, _ = await self._bump(
-                conn,
+                db,
                 task_id,
                 TaskState.WORKING,
                 _WORKING,
@@ -471,7 +434,7 @@ class SqlStore(SqlEngine):
                 lease_owner=lease_owner,
             )
             payload = status_payload(task_id, context_id, TaskState.WORKING, message, ts)
-            return await self._event(conn, task_id, seq, "status", payload, False)
+            return await self._event(db, task_id, seq, "status", payload, False)
 
         return await self._write(op, verify=self._event_landed)
 
@@ -486,66 +449,40 @@ class SqlStore(SqlEngine):
     ) -> TaskEvent:
         check_artifact(artifact)
 
-        async def op(conn: AsyncConnection) -> TaskEvent:
+        async def op(db: Db) -> TaskEvent:
             seq, context_id, _ = await self._bump(
-                conn, task_id, TaskState.WORKING, _WORKING, (), {}, lease_owner=lease_owner
+                db, task_id, TaskState.WORKING, _WORKING, (), {}, lease_owner=lease_owner
             )
-            key = (
-                artifacts.c.task_id == task_id,
-                artifacts.c.artifact_id == artifact["artifactId"],
-            )
-            existing = (await conn.execute(sa.select(artifacts.c.body).where(*key))).first()
+            key = {"task_id": task_id, "artifact_id": artifact["artifactId"]}
+            existing = await db.first(_ARTIFACT, key)
             if existing is None:
-                position = (
-                    await conn.execute(
-                        sa.select(sa.func.count())
-                        .select_from(artifacts)
-                        .where(artifacts.c.task_id == task_id)
-                    )
-                ).scalar_one()
-                await conn.execute(
-                    sa.insert(artifacts).values(
-                        task_id=task_id,
-                        artifact_id=artifact["artifactId"],
-                        position=position,
-                        body=artifact,
-                    )
-                )
+                await db.run(_INSERT_ARTIFACT, {**key, "of_task": task_id, "body": dumps(artifact)})
             else:
-                merged = merge_artifact(existing[0], artifact, append)
-                await conn.execute(sa.update(artifacts).where(*key).values(body=merged))
+                merged = merge_artifact(loads(existing[0]), artifact, append)
+                await db.run(_UPDATE_ARTIFACT, {**key, "body": dumps(merged)})
             payload = artifact_payload(task_id, context_id, artifact, append, last_chunk)
-            return await self._event(conn, task_id, seq, "artifact", payload, False)
+            return await self._event(db, task_id, seq, "artifact", payload, False)
 
         return await self._write(op, verify=self._event_landed)
 
     async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
-        return await self._read(lambda conn: self._events(conn, task_id, after_seq))
+        return await self._read(lambda db: self._events(db, task_id, after_seq))
 
     async def prune_events(self, finished_before: float, limit: int = 200) -> int:
-        async def op(conn: AsyncConnection) -> int:
-            q = (
-                sa.select(tasks.c.id)
-                .where(
-                    tasks.c.state.in_(_TERMINAL),
-                    tasks.c.status_ts < finished_before,
-                    sa.exists().where(events.c.task_id == tasks.c.id),
-                )
-                .limit(limit)
-            )
-            ids = [r[0] for r in await conn.execute(q)]
-            if ids:
-                await conn.execute(sa.delete(events).where(events.c.task_id.in_(ids)))
-            return len(ids)
+        async def op(db: Db) -> int:
+            found = await db.rows(_FINISHED_WITH_EVENTS, {"before": finished_before, "n": limit})
+            if found:
+                ids, params = in_list("id", [r[0] for r in found])
+                await db.run(f"DELETE FROM events WHERE task_id IN ({ids})", params)
+            return len(found)
 
         # Deleting what is already deleted changes nothing: safe to repeat.
         return await self._write(op, idempotent=True)
 
     async def _events(
-        self, conn: AsyncConnection, task_id: str, after_seq: int, limit: int | None = None
+        self, db: Db, task_id: str, after_seq: int, limit: int | None = None
     ) -> list[TaskEvent]:
-        found = await rows(
-            conn,
+        found = await db.rows(
             _EVENTS_AFTER if limit is None else _EVENTS_AFTER_FIRST,
             {"id": task_id, "after": after_seq, "n": limit},
         )
@@ -554,124 +491,88 @@ class SqlStore(SqlEngine):
     async def claim(
         self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
     ) -> Claim | None:
-        async def op(conn: AsyncConnection) -> Claim | None:
+        async def op(db: Db) -> Claim | None:
             t = now()
             params = {"id": task_id, "worker": worker, "now": t, "expires": t + lease_seconds}
             # The common case, a task never started: leased and started in one statement.
-            fresh = await first(conn, _CLAIM_FRESH, {**params, "max_attempts": max_attempts})
+            fresh = await db.first(_CLAIM_FRESH, {**params, "max_attempts": max_attempts})
             if fresh is not None:
                 task = _task(fresh)
                 payload = status_payload(task_id, task.context_id, task.state, None, t)
-                started = await self._event(conn, task_id, task.last_seq, "status", payload, False)
-                return Claim(await self._fill(conn, task, None), [started])
-            row = await first(conn, _CLAIM, params)
+                started = await self._event(db, task_id, task.last_seq, "status", payload, False)
+                return Claim(await self._fill(db, task, None), [started])
+            row = await db.first(_CLAIM, params)
             if row is None:
                 return None
             state, attempts, context_id = row
             if attempts > max_attempts:
                 gave_up = stamp(gave_up_message(max_attempts), task_id, context_id)
                 failed = await self._set_state(
-                    conn, task_id, TaskState.FAILED, gave_up, lease_owner=worker
+                    db, task_id, TaskState.FAILED, gave_up, lease_owner=worker
                 )
                 return Claim(None, [failed])
             written = []
             if state == TaskState.SUBMITTED.value:
                 written.append(
-                    await self._set_state(
-                        conn, task_id, TaskState.WORKING, None, lease_owner=worker
-                    )
+                    await self._set_state(db, task_id, TaskState.WORKING, None, lease_owner=worker)
                 )
-            return Claim(await self._load(conn, task_id, None), written)
+            return Claim(await self._load(db, task_id, None), written)
 
-        async def landed(conn: AsyncConnection, claim: Claim | None) -> bool:
+        async def landed(db: Db, claim: Claim | None) -> bool:
             if claim is None:
                 return True  # nothing was written
             if claim.task is not None:
                 # The expiry is this attempt's own clock reading: no other claim wrote it.
-                lease = (
-                    await conn.execute(
-                        sa.select(tasks.c.lease_owner, tasks.c.lease_expires).where(
-                            tasks.c.id == task_id
-                        )
-                    )
-                ).first()
+                lease = await db.first(_LEASE, {"id": task_id})
                 if lease is None or tuple(lease) != (worker, claim.task.lease_expires):
                     return False
-            return await self._logged(conn, claim.events)
+            return await self._logged(db, claim.events)
 
         return await self._write(op, verify=landed)
 
     async def renew(self, worker: str, task_ids: list[str], *, lease_seconds: float) -> set[str]:
         if not task_ids:
             return set()
+        ids, params = in_list("id", task_ids)
 
-        async def op(conn: AsyncConnection) -> set[str]:
-            stmt = (
-                sa.update(tasks)
-                .where(tasks.c.id.in_(task_ids), tasks.c.lease_owner == worker)
-                .values(lease_expires=now() + lease_seconds)
-                .returning(tasks.c.id)
+        async def op(db: Db) -> set[str]:
+            found = await db.rows(
+                f"UPDATE tasks SET lease_expires = :expires "
+                f"WHERE id IN ({ids}) AND lease_owner = :worker RETURNING id",
+                {**params, "worker": worker, "expires": now() + lease_seconds},
             )
-            return {r[0] for r in await conn.execute(stmt)}
+            return {r[0] for r in found}
 
         return await self._write(op, idempotent=True)
 
     async def release_leases(self, worker: str | None = None) -> int:
-        async def op(conn: AsyncConnection) -> int:
+        async def op(db: Db) -> int:
             # A parked task's "lease" is its wait (owner ``wait:<op>``): no process holds it.
-            cond: list[sa.ColumnElement[bool]] = [
-                tasks.c.lease_owner.is_not(None),
-                tasks.c.lease_owner.not_like(f"{WAIT_PREFIX}%"),
-            ]
-            if worker is not None:
-                cond.append(tasks.c.lease_owner == worker)
-            stmt = sa.update(tasks).where(*cond).values(lease_owner=None, lease_expires=None)
-            return (await conn.execute(stmt)).rowcount
+            sql = _RELEASE_LEASES if worker is None else _RELEASE_LEASES_OF
+            return await db.run(sql, {"waiting": f"{WAIT_PREFIX}%", "worker": worker})
 
         return await self._write(op, idempotent=True)
 
     async def runnable(self, limit: int = 1000) -> list[str]:
-        async def op(conn: AsyncConnection) -> list[str]:
-            q = (
-                sa.select(tasks.c.id)
-                .where(
-                    tasks.c.state.in_(_ACTIVE),
-                    sa.or_(tasks.c.lease_owner.is_(None), tasks.c.lease_expires <= now()),
-                )
-                .order_by(tasks.c.created_at)
-                .limit(limit)
-            )
-            return [r[0] for r in await conn.execute(q)]
+        async def op(db: Db) -> list[str]:
+            return [r[0] for r in await db.rows(_RUNNABLE, {"now": now(), "n": limit})]
 
         return await self._read(op)
 
     async def add_feedback(self, fb: Feedback) -> None:
         check_rating(fb.rating)
+        values = {"task_id": fb.task_id, "owner": fb.owner, "ts": now()}
 
-        ts = now()
-
-        async def op(conn: AsyncConnection) -> None:
-            q = sa.select(tasks.c.id).where(tasks.c.id == fb.task_id, tasks.c.owner == fb.owner)
-            if (await conn.execute(q)).first() is None:
+        async def op(db: Db) -> None:
+            if await db.first(_TASK_OF_OWNER, {"id": fb.task_id, "owner": fb.owner}) is None:
                 raise TaskNotFound(fb.task_id)
-            await conn.execute(
-                sa.insert(feedback).values(
-                    task_id=fb.task_id,
-                    owner=fb.owner,
-                    rating=fb.rating,
-                    text=fb.text,
-                    metadata=fb.metadata,
-                    created_at=ts,
-                )
+            await db.run(
+                _INSERT_FEEDBACK,
+                {**values, "rating": fb.rating, "text": fb.text, "metadata": dumps(fb.metadata)},
             )
 
-        async def landed(conn: AsyncConnection, _: None) -> bool:
-            q = sa.select(feedback.c.id).where(
-                feedback.c.task_id == fb.task_id,
-                feedback.c.owner == fb.owner,
-                feedback.c.created_at == ts,
-            )
-            return (await conn.execute(q)).first() is not None
+        async def landed(db: Db, _: None) -> bool:
+            return await db.first(_FEEDBACK_AT, values) is not None
 
         await self._write(op, verify=landed)
 
@@ -682,76 +583,64 @@ class SqlStore(SqlEngine):
     ) -> Operation:
         check_operation_id(operation_id)
 
-        async def op(conn: AsyncConnection) -> Operation:
+        async def op(db: Db) -> Operation:
             t = now()
-            await conn.execute(
-                self._insert(operations)
-                .values(
-                    id=operation_id,
-                    task_id=task_id,
-                    state=OperationState.PENDING.value,
-                    deadline=deadline,
-                    created_at=t,
-                )
-                .on_conflict_do_nothing()
+            key = {"id": operation_id}
+            await db.run(
+                _ADD_OPERATION,
+                {
+                    **key,
+                    "task_id": task_id,
+                    "deadline": deadline,
+                    "state": OperationState.PENDING.value,
+                    "ts": t,
+                },
             )
             # The row lock orders this wait against a concurrent completion: either the
             # completion sees the task parked and releases it, or this sees it completed.
-            row = (
-                await conn.execute(
-                    sa.select(operations).where(operations.c.id == operation_id).with_for_update()
-                )
-            ).one()
+            lock = " FOR UPDATE" if db.dialect == "postgresql" else ""
+            row = await db.first(_OPERATION + lock, key)
+            assert row is not None
             current = _operation(row)
             if current.task_id not in (None, task_id):
                 raise InvalidInput(f"operation {operation_id} is awaited by another task")
-            values: dict[str, Any] = {}
-            if current.task_id is None:
-                values["task_id"] = task_id
-            if current.deadline is None and deadline is not None:
-                values["deadline"] = deadline
             waiting_until = current.deadline if current.deadline is not None else deadline
             timed_out = (
                 current.state is OperationState.PENDING
                 and waiting_until is not None
                 and waiting_until <= t
             )
-            if timed_out:
-                values.update(state=OperationState.TIMED_OUT.value, completed_at=t)
-            if values:
-                await conn.execute(
-                    sa.update(operations).where(operations.c.id == operation_id).values(**values)
+            if current.task_id is None or current.deadline != waiting_until or timed_out:
+                state = OperationState.TIMED_OUT if timed_out else current.state
+                row = await db.first(
+                    _AWAIT_OPERATION,
+                    {
+                        **key,
+                        "task_id": task_id,
+                        "deadline": waiting_until,
+                        "state": state.value,
+                        "ts": t if timed_out else None,
+                    },
                 )
-                row = (
-                    await conn.execute(sa.select(operations).where(operations.c.id == operation_id))
-                ).one()
+                assert row is not None
                 current = _operation(row)
             if current.state is not OperationState.PENDING:
                 return current
-            parked = (
-                await conn.execute(
-                    sa.update(tasks)
-                    .where(
-                        tasks.c.id == task_id,
-                        tasks.c.state == TaskState.WORKING.value,
-                        tasks.c.lease_owner == lease_owner,
-                    )
-                    .values(
-                        lease_owner=WAIT_PREFIX + operation_id,
-                        lease_expires=waiting_until if waiting_until is not None else WAIT_FOREVER,
-                        attempts=0,
-                    )
-                    .returning(tasks.c.id)
-                )
-            ).first()
+            parked = await db.first(
+                _PARK,
+                {
+                    "id": task_id,
+                    "lease_owner": lease_owner,
+                    "waiter": WAIT_PREFIX + operation_id,
+                    "until": WAIT_FOREVER if waiting_until is None else waiting_until,
+                },
+            )
             if parked is None:
-                found = (
-                    await conn.execute(sa.select(tasks.c.state).where(tasks.c.id == task_id))
-                ).first()
+                found = await db.first(_FIND_STATE, {"id": task_id})
                 if found is None:
                     raise TaskNotFound(task_id)
-                if found.state != TaskState.WORKING.value:
-                    raise InvalidTransition(task_id, TaskState(found.state), TaskState.WORKING)
+                if found[0] != TaskState.WORKING.value:
+                    raise InvalidTransition(task_id, TaskState(found[0]), TaskState.WORKING)
                 raise LeaseLost(f"Task {task_id}: lease held by another worker")
             return current
 
@@ -763,79 +652,49 @@ class SqlStore(SqlEngine):
         check_operation_id(operation_id)
         state = OperationState.FAILED if error is not None else OperationState.COMPLETED
 
-        async def op(conn: AsyncConnection) -> Completion:
-            t = now()
-            inserted = (
-                await conn.execute(
-                    self._insert(operations)
-                    .values(
-                        id=operation_id,
-                        state=state.value,
-                        result=result,
-                        error=error,
-                        created_at=t,
-                        completed_at=t,
-                    )
-                    .on_conflict_do_nothing()
-                    .returning(operations.c.id)
-                )
-            ).first()
-            if inserted is not None:
+        async def op(db: Db) -> Completion:
+            values = {
+                "id": operation_id,
+                "state": state.value,
+                "result": dumps(result),
+                "error": error,
+                "ts": now(),
+            }
+            if await db.first(_ADD_ENDED_OPERATION, values) is not None:
                 return Completion(Operation(operation_id, None, state, result, error), True, None)
-            row = (
-                await conn.execute(
-                    sa.update(operations)
-                    .where(
-                        operations.c.id == operation_id,
-                        operations.c.state == OperationState.PENDING.value,
-                    )
-                    .values(state=state.value, result=result, error=error, completed_at=t)
-                    .returning(*operations.c)
-                )
-            ).first()
+            row = await db.first(_END_OPERATION, values)
             if row is None:
-                current = (
-                    await conn.execute(sa.select(operations).where(operations.c.id == operation_id))
-                ).one()
+                current = await db.first(_OPERATION, {"id": operation_id})
+                assert current is not None
                 return Completion(_operation(current), False, None)
             done = _operation(row)
             if done.task_id is None:
                 return Completion(done, True, None)
-            released = (
-                await conn.execute(
-                    sa.update(tasks)
-                    .where(
-                        tasks.c.id == done.task_id,
-                        tasks.c.state.in_(_ACTIVE),
-                        tasks.c.lease_owner == WAIT_PREFIX + operation_id,
-                    )
-                    .values(lease_owner=None, lease_expires=None)
-                    .returning(tasks.c.id)
-                )
-            ).first()
+            released = await db.first(
+                _RELEASE_WAITER, {"id": done.task_id, "waiter": WAIT_PREFIX + operation_id}
+            )
             return Completion(done, True, None if released is None else str(released[0]))
 
         # Repeating it after a lost commit finds the operation ended: a no-op.
         return await self._write(op, idempotent=True)
 
     async def get_operation(self, operation_id: str) -> Operation | None:
-        async def op(conn: AsyncConnection) -> Operation | None:
-            q = sa.select(operations).where(operations.c.id == operation_id)
-            row = (await conn.execute(q)).first()
+        async def op(db: Db) -> Operation | None:
+            row = await db.first(_OPERATION, {"id": operation_id})
             return None if row is None else _operation(row)
 
         return await self._read(op)
 
 
-def _operation(row: sa.Row[Any]) -> Operation:
-    m = row._mapping
+def _operation(row: Sequence[Any]) -> Operation:
+    """An ``operations`` row read with ``_OPERATION``."""
     return Operation(
-        id=m["id"],
-        task_id=m["task_id"],
-        state=OperationState(m["state"]),
-        result=m["result"],
-        error=m["error"],
-        deadline=m["deadline"],
+        id=row[0],
+        task_id=row[1],
+        state=OperationState(row[2]),
+        result=loads(row[3]),
+        error=row[4],
+        deadline=row[5],
     )
 
 
@@ -856,11 +715,6 @@ def _task(row: Sequence[Any]) -> TaskRecord:
         lease_owner=row[11],
         lease_expires=row[12],
     )
-
-
-def _record(row: sa.Row[Any]) -> TaskRecord:
-    """A ``tasks`` row read with SQLAlchemy (JSON already decoded)."""
-    return _task(tuple(row._mapping[c] for c in _TASK_COLUMN_NAMES))
 
 
 # -- the hot path's SQL (see sql_exec) -------------------------------------------
@@ -953,4 +807,71 @@ _CLAIM = (
     f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) "
     "AND (lease_owner IS NULL OR lease_expires <= :now) "
     "RETURNING state, attempts, context_id"
+)
+_EVENT_AT = "SELECT kind, payload FROM events WHERE task_id = :id AND seq = :seq"
+_CONTEXT_OF_TASK = "SELECT context_id FROM tasks WHERE id = :id AND owner = :owner"
+_TASK_OF_OWNER = "SELECT id FROM tasks WHERE id = :id AND owner = :owner"
+_CONTEXT_HISTORY = (
+    "SELECT m.body FROM messages m JOIN tasks t ON t.id = m.task_id "
+    "WHERE m.context_id = :context_id AND t.owner = :owner ORDER BY m.seq"
+)
+_ARTIFACT = "SELECT body FROM artifacts WHERE task_id = :task_id AND artifact_id = :artifact_id"
+_INSERT_ARTIFACT = (
+    # :of_task repeats :task_id: PostgreSQL deduces one type per parameter.
+    "INSERT INTO artifacts (task_id, artifact_id, position, body) VALUES (:task_id, "
+    ":artifact_id, (SELECT count(*) FROM artifacts WHERE task_id = :of_task), :body)"
+)
+_UPDATE_ARTIFACT = (
+    "UPDATE artifacts SET body = :body WHERE task_id = :task_id AND artifact_id = :artifact_id"
+)
+_FINISHED_WITH_EVENTS = (
+    f"SELECT id FROM tasks WHERE state IN ({_states(sorted(_TERMINAL))}) "
+    "AND status_ts < :before AND EXISTS (SELECT 1 FROM events WHERE events.task_id = tasks.id) "
+    "LIMIT :n"
+)
+_LEASE = "SELECT lease_owner, lease_expires FROM tasks WHERE id = :id"
+_RELEASE_LEASES = (
+    "UPDATE tasks SET lease_owner = NULL, lease_expires = NULL "
+    "WHERE lease_owner IS NOT NULL AND lease_owner NOT LIKE :waiting"
+)
+_RELEASE_LEASES_OF = _RELEASE_LEASES + " AND lease_owner = :worker"
+_RUNNABLE = (
+    f"SELECT id FROM tasks WHERE state IN ({_states(sorted(_ACTIVE))}) "
+    "AND (lease_owner IS NULL OR lease_expires <= :now) ORDER BY created_at LIMIT :n"
+)
+_INSERT_FEEDBACK = (
+    "INSERT INTO feedback (task_id, owner, rating, text, metadata, created_at) "
+    "VALUES (:task_id, :owner, :rating, :text, :metadata, :ts)"
+)
+_FEEDBACK_AT = (
+    "SELECT id FROM feedback WHERE task_id = :task_id AND owner = :owner AND created_at = :ts"
+)
+_OPERATION_COLUMNS = "id, task_id, state, result, error, deadline"
+_OPERATION = f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE id = :id"
+_ADD_OPERATION = (
+    "INSERT INTO operations (id, task_id, state, deadline, created_at) "
+    "VALUES (:id, :task_id, :state, :deadline, :ts) ON CONFLICT (id) DO NOTHING"
+)
+_AWAIT_OPERATION = (
+    "UPDATE operations SET task_id = :task_id, deadline = :deadline, state = :state, "
+    f"completed_at = COALESCE(completed_at, :ts) WHERE id = :id RETURNING {_OPERATION_COLUMNS}"
+)
+_PARK = (
+    "UPDATE tasks SET lease_owner = :waiter, lease_expires = :until, attempts = 0 "
+    f"WHERE id = :id AND state = '{TaskState.WORKING.value}' AND lease_owner = :lease_owner "
+    "RETURNING id"
+)
+_ADD_ENDED_OPERATION = (
+    "INSERT INTO operations (id, state, result, error, created_at, completed_at) "
+    "VALUES (:id, :state, :result, :error, :ts, :ts) ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+_END_OPERATION = (
+    "UPDATE operations SET state = :state, result = :result, error = :error, completed_at = :ts "
+    f"WHERE id = :id AND state = '{OperationState.PENDING.value}' "
+    f"RETURNING {_OPERATION_COLUMNS}"
+)
+_RELEASE_WAITER = (
+    "UPDATE tasks SET lease_owner = NULL, lease_expires = NULL "
+    f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) AND lease_owner = :waiter "
+    "RETURNING id"
 )

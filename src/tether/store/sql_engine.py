@@ -1,5 +1,10 @@
 """The SQL engine under ``SqlStore``: connections, transactions, retries, error translation.
 
+SQLite: one connection writes, through ``GroupCommit``; another reads, one read
+transaction per call. PostgreSQL: an asyncpg pool; each write is one transaction,
+each read runs its statements in autocommit. SQLAlchemy's engine serves the
+schema's migrations only (``tether db``, and start-up).
+
 Every driver error is translated here, once: transient ones (a dropped connection,
 a restarted server, a serialization failure or deadlock) are retried with bounded
 backoff and then become ``StoreUnavailable``; refused values become ``InvalidInput``.
@@ -9,18 +14,21 @@ A PostgreSQL COMMIT whose outcome is unknown is checked before anything is run a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
+import asyncpg
 import orjson
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tether.core.errors import (
     InvalidInput,
@@ -28,13 +36,13 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.store import sqlite_inline
-from tether.store.sql_exec import driver
+from tether.store.sql_exec import Db, PgDb, SqliteDb, pg_error
 from tether.store.sqlite_batch import GroupCommit
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
-Op = Callable[[AsyncConnection], Awaitable[T]]
-Verify = Callable[[AsyncConnection, T], Awaitable[bool]]
+Op = Callable[[Db], Awaitable[T]]
+Verify = Callable[[Db, T], Awaitable[bool]]
 
 
 def _dumps(value: Any) -> str:
@@ -81,7 +89,7 @@ def _unavailable(message: str, cause: BaseException, *, retryable: bool = True) 
 
 
 def _checking(verify: Verify[T], result: T) -> Op[bool]:
-    return lambda conn: verify(conn, result)
+    return lambda db: verify(db, result)
 
 
 class _CommitUnknown(Exception):
@@ -107,33 +115,33 @@ class SqlEngine:
         run_migrations: bool = True,
     ) -> None:
         self.url = url
-        self.dialect = make_url(url).get_backend_name()
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
         self._retries = retries
         self._backoff = retry_backoff
         self._run_migrations = run_migrations
+        self._command_timeout = command_timeout
+        self._pool_size = pool_size + max_overflow
+        self._pool_timeout = pool_timeout
         self._lock_file: int | None = None
+        self._batch: GroupCommit | None = None
+        self._reader: SqliteDb | None = None
+        self._pool: asyncpg.Pool | None = None
         kwargs: dict[str, Any] = {"json_serializer": _dumps, "json_deserializer": orjson.loads}
         if self.dialect == "sqlite":
-            path = make_url(url).database or ":memory:"
-            kwargs["async_creator"] = sqlite_inline.connector(path, command_timeout)
+            self._path = parsed.database or ""
+            if self._path in ("", ":memory:"):
+                raise InvalidInput(
+                    "a SQLite store needs a file path (memory:// keeps tasks in memory)"
+                )
+            kwargs["async_creator"] = sqlite_inline.connector(self._path, command_timeout)
         else:
             kwargs.update(
-                pool_size=pool_size,
-                max_overflow=max_overflow,
-                pool_timeout=pool_timeout,
-                # No pre-ping: it costs a round trip per checkout (13% of the API's
-                # time under load); a dead pooled connection is caught by the retry
-                # loop, which invalidates the pool and runs the transaction again.
-                pool_pre_ping=False,
-                connect_args={
-                    "command_timeout": command_timeout,
-                    "server_settings": {"application_name": "tether"},
-                },
+                pool_size=1,
+                connect_args={"command_timeout": command_timeout},
             )
+        # Migrations only: the store's queries run on the driver (see sql_exec).
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        # SQLite: one writer, whose transactions share commits (WAL lets readers go on).
-        self._batch = GroupCommit(self.engine) if self.dialect == "sqlite" else None
-        self._reader: AsyncConnection | None = None
         if self.dialect == "sqlite":
             busy_ms = int(command_timeout * 1000)
             sa_event.listen(
@@ -151,17 +159,61 @@ class SqlEngine:
             from tether.store.migrate import upgrade
 
             await self._retrying(lambda: upgrade(self.engine))
+            await self.engine.dispose()
+        if self.dialect == "sqlite":
+            # One connection writes (all writes share its commits), one reads.
+            self._batch = GroupCommit(SqliteDb(self._sqlite()))
+            self._reader = SqliteDb(self._sqlite())
 
     async def close(self) -> None:
         if self._batch is not None:
             await self._batch.close()
+            self._batch.db.conn.close()
+            self._batch = None
         if self._reader is not None:
-            await self._reader.close()
+            self._reader.conn.close()
             self._reader = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), self._pool_timeout)
+            self._pool = None
         await self.engine.dispose()
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
+
+    def _sqlite(self) -> sqlite3.Connection:
+        # Autocommit mode: the store says BEGIN and COMMIT itself.
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._command_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        _sqlite_pragmas(conn, int(self._command_timeout * 1000))
+        return conn
+
+    async def _connections(self) -> asyncpg.Pool:
+        """The pool, made on first use: it opens connections as calls need them, so a
+        server that starts while PostgreSQL is down answers "unavailable" until it is up."""
+        if self._pool is not None:
+            return self._pool
+        url = make_url(self.url).set(drivername="postgresql")
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            url.render_as_string(hide_password=False),
+            min_size=0,
+            max_size=self._pool_size,
+            command_timeout=self._command_timeout,
+            server_settings={"application_name": "tether"},
+            # The store leaves no session state behind; asyncpg's default reset costs a
+            # round trip each time a connection goes back to the pool.
+            reset=_rollback_if_open,
+        )
+        if self._pool is None:
+            self._pool = pool
+        else:
+            await pool.close()  # another call made one meanwhile
+        return self._pool
 
     def _lock_database(self) -> None:
         """One server process per SQLite file, so a restart may take over every lease."""
@@ -204,7 +256,15 @@ class SqlEngine:
         for attempt in range(self._retries + 1):
             cause: BaseException
             try:
-                return await op()
+                try:
+                    return await op()
+                except (
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,
+                ) as raw:
+                    # From the pool or a transaction's BEGIN, outside ``PgDb``'s own calls.
+                    raise pg_error(raw) from raw
             except (TetherError, sa_exc.IntegrityError):
                 raise
             except _CommitUnknown as exc:
@@ -253,13 +313,23 @@ class SqlEngine:
 
     async def _transaction(self, op: Op[T]) -> T:
         """A PostgreSQL transaction (SQLite's go through ``GroupCommit``)."""
-        async with self.engine.connect() as conn:
-            await conn.begin()
-            result = await op(conn)
+        pool = await self._connections()
+        async with pool.acquire(timeout=self._pool_timeout) as conn:
+            xact = conn.transaction()
+            await xact.start()
             try:
-                await conn.commit()
+                result = await op(PgDb(conn))
+            except BaseException:
+                try:
+                    await xact.rollback()
+                except Exception:
+                    # Broken, or busy with what was interrupted: the pool replaces it.
+                    conn.terminate()
+                raise
+            try:
+                await xact.commit()
             except Exception as exc:
-                raise _CommitUnknown(exc, result) from exc
+                raise _CommitUnknown(pg_error(exc), result) from exc
             return result
 
     async def _write(
@@ -290,44 +360,30 @@ class SqlEngine:
             return await on_conflict()
 
     async def _read(self, op: Op[T]) -> T:
-        async def once() -> T:
-            async with self.engine.connect() as conn:
-                return await op(conn)
+        async def pooled() -> T:
+            pool = await self._connections()
+            async with pool.acquire(timeout=self._pool_timeout) as conn:
+                return await op(PgDb(conn))
 
         async def shared() -> T:
-            conn = await self._reading()
-            raw = driver(conn)
+            db = self._reader
+            assert db is not None, "the store is not started"
             # One read transaction: the op's statements see one snapshot, and SQLite
-            # takes its WAL read lock once instead of once per statement.
-            own = not raw.in_transaction
-            if own:
-                raw.execute("BEGIN")
+            # takes its WAL read lock once instead of once per statement. Calls on
+            # sqlite3 never yield to the loop, so two reads never share it.
+            db.execute("BEGIN")
             try:
-                return await op(conn)
+                return await op(db)
             finally:
-                if own and raw.in_transaction:
-                    raw.execute("COMMIT")
-                if conn.invalidated and self._reader is conn:
-                    self._reader = None
-                    await conn.close()
+                if db.conn.in_transaction:
+                    db.execute("COMMIT")
 
-        return await self._retrying(shared if self.dialect == "sqlite" else once)
+        return await self._retrying(shared if self.dialect == "sqlite" else pooled)
 
-    async def _reading(self) -> AsyncConnection:
-        """SQLite's one read connection, kept open.
 
-        Checking a connection out of SQLAlchemy's pool costs more than the reads it
-        serves, and concurrent reads would open (and close) overflow connections.
-        SQLite calls run on the loop without yielding, so reads never overlap on it;
-        outside a transaction each statement sees the latest commit.
-        """
-        if self._reader is None:
-            conn = await self.engine.connect()
-            if self._reader is None:
-                self._reader = conn
-            else:
-                await conn.close()  # another read opened one meanwhile
-        return self._reader
+async def _rollback_if_open(conn: asyncpg.Connection) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:

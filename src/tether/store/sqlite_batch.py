@@ -14,29 +14,28 @@ Every write goes through one flusher, so the store needs no other write lock.
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import exc as sa_exc
 
-from tether.store.sql_exec import driver
+from tether.store.sql_exec import Db, SqliteDb
 
-log = logging.getLogger("tether.store")
 T = TypeVar("T")
-Op = Callable[[AsyncConnection], Awaitable[T]]
+Op = Callable[[Db], Awaitable[T]]
 
 # Bounds how long the first caller of a batch waits behind the others.
 MAX_BATCH = 128
 
 
 class GroupCommit:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    """Runs write transactions on ``db``, the store's one writing connection."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self.db = db
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        # Kept open: a pool checkout per batch costs as much as the batch's statements.
-        self._conn: AsyncConnection | None = None
 
     async def run(self, op: Op[T]) -> T:
         """``op``'s result once its transaction has committed, or what it raised."""
@@ -50,9 +49,6 @@ class GroupCommit:
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=5.0)
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
 
     async def _flush(self) -> None:
         try:
@@ -67,31 +63,27 @@ class GroupCommit:
             self._flusher = None
 
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+        db = self.db
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            if self._conn is None:
-                self._conn = await self._engine.connect()
-            conn = self._conn
+            db.execute("BEGIN IMMEDIATE")
             try:
-                await conn.begin()
-                raw = driver(conn)
-                raw.execute("BEGIN IMMEDIATE")
                 for op, fut in batch:
-                    raw.execute("SAVEPOINT op")
+                    db.execute("SAVEPOINT op")
                     try:
-                        result = await op(conn)
+                        result = await op(db)
                     except Exception as exc:
-                        raw.execute("ROLLBACK TO op")
-                        raw.execute("RELEASE op")
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
                         outcomes.append((fut, None, exc))
                     else:
-                        raw.execute("RELEASE op")
+                        db.execute("RELEASE op")
                         outcomes.append((fut, result, None))
-                await conn.commit()
+                db.execute("COMMIT")
             except BaseException:
-                self._conn = None
-                # Closing rolls back whatever the failure left open.
-                await conn.close()
+                if db.conn.in_transaction:
+                    with contextlib.suppress(sa_exc.DBAPIError):
+                        db.execute("ROLLBACK")
                 raise
         except BaseException as exc:
             # Nothing of the batch landed: each caller gets the reason and may retry.

@@ -16,10 +16,15 @@ from tether.store.base import MAX_OPERATION_ID, MAX_PAGE_SIZE
 def status_payload(
     task_id: str, context_id: str, state: TaskState, message: JSON | None, ts: float
 ) -> JSON:
-    status: JSON = {"state": state.wire, "timestamp": iso(ts)}
+    return {"taskId": task_id, "contextId": context_id, "status": status(state, message, ts)}
+
+
+def status(state: TaskState, message: JSON | None, ts: float) -> JSON:
+    """A TaskStatus: the ``status`` of a status event's payload."""
+    part: JSON = {"state": state.wire, "timestamp": iso(ts)}
     if message is not None:
-        status["message"] = message
-    return {"taskId": task_id, "contextId": context_id, "status": status}
+        part["message"] = message
+    return part
 
 
 def artifact_payload(

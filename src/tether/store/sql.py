@@ -18,10 +18,9 @@ event; a write it cannot check raises ``StoreUnavailable``.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from tether.core.errors import (
     ContextMismatch,
@@ -33,8 +32,9 @@ from tether.core.errors import (
     TaskTerminal,
     UnsupportedOperation,
 )
-from tether.core.states import ACTIVE, TERMINAL, TaskState, allowed_from
+from tether.core.states import TaskState
 from tether.core.types import JSON, Feedback, TaskEvent, TaskPage, TaskRecord, new_id, now
+from tether.store import queries as q
 from tether.store.base import (
     WAIT_FOREVER,
     WAIT_PREFIX,
@@ -58,6 +58,7 @@ from tether.store.common import (
     merge_artifact,
     page_size,
     stamp,
+    status,
     status_payload,
     trim_history,
 )
@@ -66,9 +67,6 @@ from tether.store.sql_exec import Db, dumps, in_list, loads
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
-
-_ACTIVE = [s.value for s in ACTIVE]
-_TERMINAL = [s.value for s in TERMINAL]
 
 
 class SqlStore(SqlEngine):
@@ -80,7 +78,7 @@ class SqlStore(SqlEngine):
         not land no other writer can have stored this very payload at that number.
         """
         for event in written:
-            row = await db.first(_EVENT_AT, {"id": event.task_id, "seq": event.seq})
+            row = await db.first(q.EVENT_AT, {"id": event.task_id, "seq": event.seq})
             if row is None or (row[0], loads(row[1])) != (event.kind, event.payload):
                 return False
         return True
@@ -106,14 +104,26 @@ class SqlStore(SqlEngine):
 
         ``sets`` are ``column = expression`` fragments; ``params`` their values.
         """
-        sql = _bump_sql(sets, tuple(states), owner is not None, lease_owner is not None)
+        sql = q.bump(sets, tuple(states), owner is not None, lease_owner is not None)
         row = await db.first(
             sql, {**params, "id": task_id, "owner": owner, "lease_owner": lease_owner}
         )
-        if row is not None:
-            return int(row[0]), str(row[1]), str(row[2])
+        if row is None:
+            await self._refused(db, task_id, wanted, states, owner, lease_owner)
+        return int(row[0]), str(row[1]), str(row[2])
+
+    @staticmethod
+    async def _refused(
+        db: Db,
+        task_id: str,
+        wanted: TaskState,
+        states: Sequence[str],
+        owner: str | None,
+        lease_owner: str | None,
+    ) -> NoReturn:
+        """Why a compare-and-set changed nothing."""
         found = await db.first(
-            _FIND_STATE_OF_OWNER if owner is not None else _FIND_STATE,
+            q.FIND_STATE_OF_OWNER if owner is not None else q.FIND_STATE,
             {"id": task_id, "owner": owner},
         )
         if found is None:
@@ -127,7 +137,7 @@ class SqlStore(SqlEngine):
         self, db: Db, task_id: str, seq: int, kind: str, payload: JSON, final: bool
     ) -> TaskEvent:
         await db.run(
-            _INSERT_EVENT,
+            q.INSERT_EVENT,
             {
                 "task_id": task_id,
                 "seq": seq,
@@ -141,7 +151,7 @@ class SqlStore(SqlEngine):
 
     async def _message(self, db: Db, owner: str, message: JSON) -> None:
         await db.run(
-            _INSERT_MESSAGE,
+            q.INSERT_MESSAGE,
             {
                 "owner": owner,
                 "message_id": message["messageId"],
@@ -169,26 +179,67 @@ class SqlStore(SqlEngine):
         ``new_turn``: the attempt budget starts again (a follow-up message).
         """
         ts = now()
-        sets: tuple[str, ...] = _STATE_SETS
+        sets: tuple[str, ...] = q.STATE_SETS
         if to.terminal or to.interrupted:
-            sets += _LEASE_CLEARED
+            sets += q.LEASE_CLEARED
         if new_turn:
             sets += ("attempts = 0",)
-        allowed = _ALLOWED_FROM[to]
+        allowed = q.ALLOWED_FROM[to]
+        final = to.terminal or to.interrupted
+        values = {"state": to.value, "ts": ts, "status_message": dumps(message)}
+        if db.dialect == "postgresql":
+            return await self._set_state_pg(
+                db, task_id, to, message, sets, values, owner, lease_owner
+            )
         seq, context_id, task_owner = await self._bump(
-            db,
-            task_id,
-            to,
-            allowed,
-            sets,
-            {"state": to.value, "ts": ts, "status_message": dumps(message)},
-            owner=owner,
-            lease_owner=lease_owner,
+            db, task_id, to, allowed, sets, values, owner=owner, lease_owner=lease_owner
         )
         if message is not None:
             await self._message(db, task_owner, message)
         payload = status_payload(task_id, context_id, to, message, ts)
-        return await self._event(db, task_id, seq, "status", payload, to.terminal or to.interrupted)
+        return await self._event(db, task_id, seq, "status", payload, final)
+
+    async def _set_state_pg(
+        self,
+        db: Db,
+        task_id: str,
+        to: TaskState,
+        message: JSON | None,
+        sets: tuple[str, ...],
+        values: dict[str, Any],
+        owner: str | None,
+        lease_owner: str | None,
+    ) -> TaskEvent:
+        """``_set_state`` as one statement: the update, its message and its event."""
+        allowed = q.ALLOWED_FROM[to]
+        final = to.terminal or to.interrupted
+        ts = values["ts"]
+        state = status(to, message, ts)
+        params = {
+            **values,
+            "id": task_id,
+            "owner": owner,
+            "lease_owner": lease_owner,
+            "task_id": task_id,
+            "final": final,
+            "status": dumps(state),
+            "created": ts,
+        }
+        if message is not None:
+            params.update(
+                message_id=message["messageId"],
+                message_context=message["contextId"],
+                role=message.get("role", "ROLE_USER"),
+                body=dumps(message),
+            )
+        sql = q.pg_set_state(
+            sets, allowed, owner is not None, lease_owner is not None, message is not None
+        )
+        row = await db.first(sql, params)
+        if row is None:
+            await self._refused(db, task_id, to, allowed, owner, lease_owner)
+        payload = {"taskId": task_id, "contextId": str(row[1]), "status": state}
+        return TaskEvent(task_id, int(row[0]), "status", payload, final)
 
     async def _load(
         self,
@@ -197,8 +248,16 @@ class SqlStore(SqlEngine):
         owner: str | None,
         history_length: int | None = None,
     ) -> TaskRecord:
+        if db.dialect == "postgresql":
+            row = await db.first(
+                q.PG_LOAD_OF_OWNER if owner is not None else q.PG_LOAD,
+                {"id": task_id, "owner": owner, "n": history_length},
+            )
+            if row is None:
+                raise TaskNotFound(task_id)
+            return _with_children(row)
         row = await db.first(
-            _LOAD_TASK_OF_OWNER if owner is not None else _LOAD_TASK,
+            q.LOAD_TASK_OF_OWNER if owner is not None else q.LOAD_TASK,
             {"id": task_id, "owner": owner},
         )
         if row is None:
@@ -208,18 +267,18 @@ class SqlStore(SqlEngine):
     async def _fill(self, db: Db, task: TaskRecord, history_length: int | None) -> TaskRecord:
         """Reads ``task``'s artifacts and its last ``history_length`` messages into it."""
         task_id = task.id
-        task.artifacts = [loads(r[0]) for r in await db.rows(_LOAD_ARTIFACTS, {"id": task_id})]
+        task.artifacts = [loads(r[0]) for r in await db.rows(q.LOAD_ARTIFACTS, {"id": task_id})]
         if history_length is None:
-            history = await db.rows(_LOAD_HISTORY, {"id": task_id})
+            history = await db.rows(q.LOAD_HISTORY, {"id": task_id})
         elif history_length > 0:
-            history = await db.rows(_LOAD_HISTORY_LAST, {"id": task_id, "n": history_length})
+            history = await db.rows(q.LOAD_HISTORY_LAST, {"id": task_id, "n": history_length})
         else:
             history = []
         task.history = [loads(r[0]) for r in reversed(history)]
         return task
 
     async def _seen(self, db: Db, owner: str, message_id: str) -> str | None:
-        row = await db.first(_SEEN, {"owner": owner, "message_id": message_id})
+        row = await db.first(q.SEEN, {"owner": owner, "message_id": message_id})
         return None if row is None else str(row[0])
 
     # -- TaskStore ----------------------------------------------------------
@@ -237,11 +296,13 @@ class SqlStore(SqlEngine):
             # unique constraint, and ``raced`` answers it (the common case pays nothing).
             ts = now()
             ctx = context_id or new_id()
+            if context_id is None and db.dialect == "postgresql":
+                return await self._submit_pg(db, task_id, ctx, owner, message, metadata, ts)
             if context_id is None:
-                await db.run(_INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
+                await db.run(q.INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
             # ON CONFLICT: two first messages of one new context may race to create it.
-            elif await db.first(_ADD_CONTEXT, {"id": ctx, "owner": owner, "ts": ts}) is None:
-                ctx_owner = await db.first(_CONTEXT_OWNER, {"id": ctx})
+            elif await db.first(q.ADD_CONTEXT, {"id": ctx, "owner": owner, "ts": ts}) is None:
+                ctx_owner = await db.first(q.CONTEXT_OWNER, {"id": ctx})
                 if ctx_owner is None or ctx_owner[0] != owner:
                     raise ContextMismatch(f"contextId {ctx} belongs to another principal")
             task = TaskRecord(
@@ -255,7 +316,7 @@ class SqlStore(SqlEngine):
                 last_seq=1,
             )
             await db.run(
-                _INSERT_TASK,
+                q.INSERT_TASK,
                 {
                     "id": task_id,
                     "context_id": ctx,
@@ -285,6 +346,41 @@ class SqlStore(SqlEngine):
 
         return await self._write(op, idempotent=True, on_conflict=raced)
 
+    @staticmethod
+    async def _submit_pg(
+        db: Db, task_id: str, ctx: str, owner: str, message: JSON, metadata: JSON | None, ts: float
+    ) -> Submitted:
+        """A new task in a new context, as one statement."""
+        task = TaskRecord(
+            id=task_id,
+            context_id=ctx,
+            owner=owner,
+            state=TaskState.SUBMITTED,
+            status_ts=ts,
+            created_at=ts,
+            metadata=metadata,
+            last_seq=1,
+        )
+        stored = stamp(message, task_id, ctx)
+        task.history = [stored]
+        payload = status_payload(task_id, ctx, task.state, None, ts)
+        await db.run(
+            q.PG_SUBMIT,
+            {
+                "id": task_id,
+                "context_id": ctx,
+                "owner": owner,
+                "ts": ts,
+                "state": task.state.value,
+                "metadata": dumps(metadata),
+                "message_id": message["messageId"],
+                "role": message.get("role", "ROLE_USER"),
+                "body": dumps(stored),
+                "payload": dumps(payload),
+            },
+        )
+        return Submitted(task, True, TaskEvent(task_id, 1, "status", payload, False))
+
     async def _existing(self, db: Db, owner: str, task_id: str, *, mine: bool) -> Submitted:
         task = await self._load(db, task_id, owner)
         if not mine:
@@ -299,7 +395,7 @@ class SqlStore(SqlEngine):
             seen = await self._seen(db, owner, message["messageId"])
             if seen is not None:
                 return Submitted(await self._load(db, seen, owner), False, None)
-            row = await db.first(_CONTEXT_OF_TASK, {"id": task_id, "owner": owner})
+            row = await db.first(q.CONTEXT_OF_TASK, {"id": task_id, "owner": owner})
             if row is None:
                 raise TaskNotFound(task_id)
             try:
@@ -358,7 +454,7 @@ class SqlStore(SqlEngine):
             if cursor is not None:
                 page_where += " AND (status_ts, id) < (:cursor_ts, :cursor_id)"
             found = await db.rows(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE {page_where} "
+                f"SELECT {q.TASK_COLUMNS} FROM tasks WHERE {page_where} "
                 "ORDER BY status_ts DESC, id DESC LIMIT :limit",
                 {
                     **params,
@@ -392,7 +488,7 @@ class SqlStore(SqlEngine):
 
     async def context_history(self, owner: str, context_id: str) -> list[JSON]:
         async def op(db: Db) -> list[JSON]:
-            found = await db.rows(_CONTEXT_HISTORY, {"context_id": context_id, "owner": owner})
+            found = await db.rows(q.CONTEXT_HISTORY, {"context_id": context_id, "owner": owner})
             return [loads(r[0]) for r in found]
 
         return await self._read(op)
@@ -428,7 +524,7 @@ class SqlStore(SqlEngine):
                 db,
                 task_id,
                 TaskState.WORKING,
-                _WORKING,
+                q.WORKING,
                 ("status_ts = :ts", "status_message = :status_message"),
                 {"ts": ts, "status_message": dumps(message)},
                 lease_owner=lease_owner,
@@ -451,15 +547,17 @@ class SqlStore(SqlEngine):
 
         async def op(db: Db) -> TaskEvent:
             seq, context_id, _ = await self._bump(
-                db, task_id, TaskState.WORKING, _WORKING, (), {}, lease_owner=lease_owner
+                db, task_id, TaskState.WORKING, q.WORKING, (), {}, lease_owner=lease_owner
             )
             key = {"task_id": task_id, "artifact_id": artifact["artifactId"]}
-            existing = await db.first(_ARTIFACT, key)
+            existing = await db.first(q.ARTIFACT, key)
             if existing is None:
-                await db.run(_INSERT_ARTIFACT, {**key, "of_task": task_id, "body": dumps(artifact)})
+                await db.run(
+                    q.INSERT_ARTIFACT, {**key, "of_task": task_id, "body": dumps(artifact)}
+                )
             else:
                 merged = merge_artifact(loads(existing[0]), artifact, append)
-                await db.run(_UPDATE_ARTIFACT, {**key, "body": dumps(merged)})
+                await db.run(q.UPDATE_ARTIFACT, {**key, "body": dumps(merged)})
             payload = artifact_payload(task_id, context_id, artifact, append, last_chunk)
             return await self._event(db, task_id, seq, "artifact", payload, False)
 
@@ -470,7 +568,7 @@ class SqlStore(SqlEngine):
 
     async def prune_events(self, finished_before: float, limit: int = 200) -> int:
         async def op(db: Db) -> int:
-            found = await db.rows(_FINISHED_WITH_EVENTS, {"before": finished_before, "n": limit})
+            found = await db.rows(q.FINISHED_WITH_EVENTS, {"before": finished_before, "n": limit})
             if found:
                 ids, params = in_list("id", [r[0] for r in found])
                 await db.run(f"DELETE FROM events WHERE task_id IN ({ids})", params)
@@ -483,7 +581,7 @@ class SqlStore(SqlEngine):
         self, db: Db, task_id: str, after_seq: int, limit: int | None = None
     ) -> list[TaskEvent]:
         found = await db.rows(
-            _EVENTS_AFTER if limit is None else _EVENTS_AFTER_FIRST,
+            q.EVENTS_AFTER if limit is None else q.EVENTS_AFTER_FIRST,
             {"id": task_id, "after": after_seq, "n": limit},
         )
         return [TaskEvent(task_id, r[0], r[1], loads(r[2]), bool(r[3])) for r in found]
@@ -495,13 +593,30 @@ class SqlStore(SqlEngine):
             t = now()
             params = {"id": task_id, "worker": worker, "now": t, "expires": t + lease_seconds}
             # The common case, a task never started: leased and started in one statement.
-            fresh = await db.first(_CLAIM_FRESH, {**params, "max_attempts": max_attempts})
+            if db.dialect == "postgresql":
+                working = status(TaskState.WORKING, None, t)
+                fresh = await db.first(
+                    q.PG_CLAIM_FRESH,
+                    {
+                        **params,
+                        "max_attempts": max_attempts,
+                        "final": False,
+                        "status": dumps(working),
+                        "created": t,
+                    },
+                )
+                if fresh is not None:
+                    task = _with_children(fresh)
+                    payload = {"taskId": task_id, "contextId": task.context_id, "status": working}
+                    return Claim(task, [TaskEvent(task_id, task.last_seq, "status", payload)])
+            else:
+                fresh = await db.first(q.CLAIM_FRESH, {**params, "max_attempts": max_attempts})
             if fresh is not None:
                 task = _task(fresh)
                 payload = status_payload(task_id, task.context_id, task.state, None, t)
                 started = await self._event(db, task_id, task.last_seq, "status", payload, False)
                 return Claim(await self._fill(db, task, None), [started])
-            row = await db.first(_CLAIM, params)
+            row = await db.first(q.CLAIM, params)
             if row is None:
                 return None
             state, attempts, context_id = row
@@ -523,7 +638,7 @@ class SqlStore(SqlEngine):
                 return True  # nothing was written
             if claim.task is not None:
                 # The expiry is this attempt's own clock reading: no other claim wrote it.
-                lease = await db.first(_LEASE, {"id": task_id})
+                lease = await db.first(q.LEASE, {"id": task_id})
                 if lease is None or tuple(lease) != (worker, claim.task.lease_expires):
                     return False
             return await self._logged(db, claim.events)
@@ -548,14 +663,14 @@ class SqlStore(SqlEngine):
     async def release_leases(self, worker: str | None = None) -> int:
         async def op(db: Db) -> int:
             # A parked task's "lease" is its wait (owner ``wait:<op>``): no process holds it.
-            sql = _RELEASE_LEASES if worker is None else _RELEASE_LEASES_OF
+            sql = q.RELEASE_LEASES if worker is None else q.RELEASE_LEASES_OF
             return await db.run(sql, {"waiting": f"{WAIT_PREFIX}%", "worker": worker})
 
         return await self._write(op, idempotent=True)
 
     async def runnable(self, limit: int = 1000) -> list[str]:
         async def op(db: Db) -> list[str]:
-            return [r[0] for r in await db.rows(_RUNNABLE, {"now": now(), "n": limit})]
+            return [r[0] for r in await db.rows(q.RUNNABLE, {"now": now(), "n": limit})]
 
         return await self._read(op)
 
@@ -564,15 +679,15 @@ class SqlStore(SqlEngine):
         values = {"task_id": fb.task_id, "owner": fb.owner, "ts": now()}
 
         async def op(db: Db) -> None:
-            if await db.first(_TASK_OF_OWNER, {"id": fb.task_id, "owner": fb.owner}) is None:
+            if await db.first(q.TASK_OF_OWNER, {"id": fb.task_id, "owner": fb.owner}) is None:
                 raise TaskNotFound(fb.task_id)
             await db.run(
-                _INSERT_FEEDBACK,
+                q.INSERT_FEEDBACK,
                 {**values, "rating": fb.rating, "text": fb.text, "metadata": dumps(fb.metadata)},
             )
 
         async def landed(db: Db, _: None) -> bool:
-            return await db.first(_FEEDBACK_AT, values) is not None
+            return await db.first(q.FEEDBACK_AT, values) is not None
 
         await self._write(op, verify=landed)
 
@@ -587,7 +702,7 @@ class SqlStore(SqlEngine):
             t = now()
             key = {"id": operation_id}
             await db.run(
-                _ADD_OPERATION,
+                q.ADD_OPERATION,
                 {
                     **key,
                     "task_id": task_id,
@@ -599,7 +714,7 @@ class SqlStore(SqlEngine):
             # The row lock orders this wait against a concurrent completion: either the
             # completion sees the task parked and releases it, or this sees it completed.
             lock = " FOR UPDATE" if db.dialect == "postgresql" else ""
-            row = await db.first(_OPERATION + lock, key)
+            row = await db.first(q.OPERATION + lock, key)
             assert row is not None
             current = _operation(row)
             if current.task_id not in (None, task_id):
@@ -613,7 +728,7 @@ class SqlStore(SqlEngine):
             if current.task_id is None or current.deadline != waiting_until or timed_out:
                 state = OperationState.TIMED_OUT if timed_out else current.state
                 row = await db.first(
-                    _AWAIT_OPERATION,
+                    q.AWAIT_OPERATION,
                     {
                         **key,
                         "task_id": task_id,
@@ -627,7 +742,7 @@ class SqlStore(SqlEngine):
             if current.state is not OperationState.PENDING:
                 return current
             parked = await db.first(
-                _PARK,
+                q.PARK,
                 {
                     "id": task_id,
                     "lease_owner": lease_owner,
@@ -636,7 +751,7 @@ class SqlStore(SqlEngine):
                 },
             )
             if parked is None:
-                found = await db.first(_FIND_STATE, {"id": task_id})
+                found = await db.first(q.FIND_STATE, {"id": task_id})
                 if found is None:
                     raise TaskNotFound(task_id)
                 if found[0] != TaskState.WORKING.value:
@@ -660,18 +775,18 @@ class SqlStore(SqlEngine):
                 "error": error,
                 "ts": now(),
             }
-            if await db.first(_ADD_ENDED_OPERATION, values) is not None:
+            if await db.first(q.ADD_ENDED_OPERATION, values) is not None:
                 return Completion(Operation(operation_id, None, state, result, error), True, None)
-            row = await db.first(_END_OPERATION, values)
+            row = await db.first(q.END_OPERATION, values)
             if row is None:
-                current = await db.first(_OPERATION, {"id": operation_id})
+                current = await db.first(q.OPERATION, {"id": operation_id})
                 assert current is not None
                 return Completion(_operation(current), False, None)
             done = _operation(row)
             if done.task_id is None:
                 return Completion(done, True, None)
             released = await db.first(
-                _RELEASE_WAITER, {"id": done.task_id, "waiter": WAIT_PREFIX + operation_id}
+                q.RELEASE_WAITER, {"id": done.task_id, "waiter": WAIT_PREFIX + operation_id}
             )
             return Completion(done, True, None if released is None else str(released[0]))
 
@@ -680,14 +795,14 @@ class SqlStore(SqlEngine):
 
     async def get_operation(self, operation_id: str) -> Operation | None:
         async def op(db: Db) -> Operation | None:
-            row = await db.first(_OPERATION, {"id": operation_id})
+            row = await db.first(q.OPERATION, {"id": operation_id})
             return None if row is None else _operation(row)
 
         return await self._read(op)
 
 
 def _operation(row: Sequence[Any]) -> Operation:
-    """An ``operations`` row read with ``_OPERATION``."""
+    """An ``operations`` row read with ``q.OPERATION``."""
     return Operation(
         id=row[0],
         task_id=row[1],
@@ -698,8 +813,16 @@ def _operation(row: Sequence[Any]) -> Operation:
     )
 
 
+def _with_children(row: Sequence[Any]) -> TaskRecord:
+    """A task read with ``PG_LOAD``: its columns, then its artifacts and history as JSON."""
+    task = _task(row)
+    task.artifacts = loads(row[-2]) or []
+    task.history = loads(row[-1]) or []
+    return task
+
+
 def _task(row: Sequence[Any]) -> TaskRecord:
-    """A ``tasks`` row read with ``_TASK_COLUMNS``."""
+    """A ``tasks`` row read with ``q.TASK_COLUMNS``."""
     return TaskRecord(
         id=row[0],
         context_id=row[1],
@@ -715,163 +838,3 @@ def _task(row: Sequence[Any]) -> TaskRecord:
         lease_owner=row[11],
         lease_expires=row[12],
     )
-
-
-# -- the hot path's SQL (see sql_exec) -------------------------------------------
-
-_TASK_COLUMN_NAMES = (
-    "id",
-    "context_id",
-    "owner",
-    "state",
-    "version",
-    "status_message",
-    "status_ts",
-    "created_at",
-    "metadata",
-    "last_seq",
-    "attempts",
-    "lease_owner",
-    "lease_expires",
-)
-_TASK_COLUMNS = ", ".join(_TASK_COLUMN_NAMES)
-
-
-def _states(states: Sequence[str]) -> str:
-    # Enum values, never user input: safe to inline, and one prepared statement each.
-    return ", ".join(f"'{s}'" for s in states)
-
-
-_ALLOWED_FROM = {to: tuple(sorted(s.value for s in allowed_from(to))) for to in TaskState}
-_WORKING = (TaskState.WORKING.value,)
-_STATE_SETS = (
-    "state = :state",
-    "version = version + 1",
-    "status_ts = :ts",
-    "status_message = :status_message",
-)
-_LEASE_CLEARED = ("lease_owner = NULL", "lease_expires = NULL")
-
-
-@functools.cache
-def _bump_sql(sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: bool) -> str:
-    where = f"id = :id AND state IN ({_states(states)})"
-    if owner:
-        where += " AND owner = :owner"
-    if lease:
-        where += " AND lease_owner = :lease_owner"
-    assign = ", ".join(("last_seq = last_seq + 1", *sets))
-    return f"UPDATE tasks SET {assign} WHERE {where} RETURNING last_seq, context_id, owner"
-
-
-_FIND_STATE = "SELECT state, lease_owner FROM tasks WHERE id = :id"
-_FIND_STATE_OF_OWNER = _FIND_STATE + " AND owner = :owner"
-_LOAD_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = :id"
-_LOAD_TASK_OF_OWNER = _LOAD_TASK + " AND owner = :owner"
-_LOAD_ARTIFACTS = "SELECT body FROM artifacts WHERE task_id = :id ORDER BY position"
-_LOAD_HISTORY = "SELECT body FROM messages WHERE task_id = :id ORDER BY seq DESC"
-_LOAD_HISTORY_LAST = _LOAD_HISTORY + " LIMIT :n"
-_SEEN = "SELECT task_id FROM messages WHERE owner = :owner AND message_id = :message_id"
-_EVENTS_AFTER = (
-    "SELECT seq, kind, payload, final FROM events WHERE task_id = :id AND seq > :after ORDER BY seq"
-)
-_EVENTS_AFTER_FIRST = _EVENTS_AFTER + " LIMIT :n"
-_INSERT_CONTEXT = "INSERT INTO contexts (id, owner, created_at) VALUES (:id, :owner, :ts)"
-_ADD_CONTEXT = _INSERT_CONTEXT + " ON CONFLICT (id) DO NOTHING RETURNING id"
-_CONTEXT_OWNER = "SELECT owner FROM contexts WHERE id = :id"
-_INSERT_TASK = (
-    "INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
-    "metadata, last_seq, attempts) "
-    "VALUES (:id, :context_id, :owner, :state, 0, :ts, :ts, :metadata, 1, 0)"
-)
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (owner, message_id, task_id, context_id, role, body, created_at) "
-    "VALUES (:owner, :message_id, :task_id, :context_id, :role, :body, :created_at)"
-)
-_INSERT_EVENT = (
-    "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
-    "VALUES (:task_id, :seq, :kind, :final, :payload, :created_at)"
-)
-assert TaskState.SUBMITTED in allowed_from(TaskState.WORKING)
-_CLAIM_FRESH = (
-    "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
-    f"attempts = attempts + 1, state = '{TaskState.WORKING.value}', version = version + 1, "
-    "status_ts = :now, status_message = NULL, last_seq = last_seq + 1 "
-    f"WHERE id = :id AND state = '{TaskState.SUBMITTED.value}' AND attempts < :max_attempts "
-    "AND (lease_owner IS NULL OR lease_expires <= :now) "
-    f"RETURNING {_TASK_COLUMNS}"
-)
-_CLAIM = (
-    "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
-    "attempts = attempts + 1 "
-    f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) "
-    "AND (lease_owner IS NULL OR lease_expires <= :now) "
-    "RETURNING state, attempts, context_id"
-)
-_EVENT_AT = "SELECT kind, payload FROM events WHERE task_id = :id AND seq = :seq"
-_CONTEXT_OF_TASK = "SELECT context_id FROM tasks WHERE id = :id AND owner = :owner"
-_TASK_OF_OWNER = "SELECT id FROM tasks WHERE id = :id AND owner = :owner"
-_CONTEXT_HISTORY = (
-    "SELECT m.body FROM messages m JOIN tasks t ON t.id = m.task_id "
-    "WHERE m.context_id = :context_id AND t.owner = :owner ORDER BY m.seq"
-)
-_ARTIFACT = "SELECT body FROM artifacts WHERE task_id = :task_id AND artifact_id = :artifact_id"
-_INSERT_ARTIFACT = (
-    # :of_task repeats :task_id: PostgreSQL deduces one type per parameter.
-    "INSERT INTO artifacts (task_id, artifact_id, position, body) VALUES (:task_id, "
-    ":artifact_id, (SELECT count(*) FROM artifacts WHERE task_id = :of_task), :body)"
-)
-_UPDATE_ARTIFACT = (
-    "UPDATE artifacts SET body = :body WHERE task_id = :task_id AND artifact_id = :artifact_id"
-)
-_FINISHED_WITH_EVENTS = (
-    f"SELECT id FROM tasks WHERE state IN ({_states(sorted(_TERMINAL))}) "
-    "AND status_ts < :before AND EXISTS (SELECT 1 FROM events WHERE events.task_id = tasks.id) "
-    "LIMIT :n"
-)
-_LEASE = "SELECT lease_owner, lease_expires FROM tasks WHERE id = :id"
-_RELEASE_LEASES = (
-    "UPDATE tasks SET lease_owner = NULL, lease_expires = NULL "
-    "WHERE lease_owner IS NOT NULL AND lease_owner NOT LIKE :waiting"
-)
-_RELEASE_LEASES_OF = _RELEASE_LEASES + " AND lease_owner = :worker"
-_RUNNABLE = (
-    f"SELECT id FROM tasks WHERE state IN ({_states(sorted(_ACTIVE))}) "
-    "AND (lease_owner IS NULL OR lease_expires <= :now) ORDER BY created_at LIMIT :n"
-)
-_INSERT_FEEDBACK = (
-    "INSERT INTO feedback (task_id, owner, rating, text, metadata, created_at) "
-    "VALUES (:task_id, :owner, :rating, :text, :metadata, :ts)"
-)
-_FEEDBACK_AT = (
-    "SELECT id FROM feedback WHERE task_id = :task_id AND owner = :owner AND created_at = :ts"
-)
-_OPERATION_COLUMNS = "id, task_id, state, result, error, deadline"
-_OPERATION = f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE id = :id"
-_ADD_OPERATION = (
-    "INSERT INTO operations (id, task_id, state, deadline, created_at) "
-    "VALUES (:id, :task_id, :state, :deadline, :ts) ON CONFLICT (id) DO NOTHING"
-)
-_AWAIT_OPERATION = (
-    "UPDATE operations SET task_id = :task_id, deadline = :deadline, state = :state, "
-    f"completed_at = COALESCE(completed_at, :ts) WHERE id = :id RETURNING {_OPERATION_COLUMNS}"
-)
-_PARK = (
-    "UPDATE tasks SET lease_owner = :waiter, lease_expires = :until, attempts = 0 "
-    f"WHERE id = :id AND state = '{TaskState.WORKING.value}' AND lease_owner = :lease_owner "
-    "RETURNING id"
-)
-_ADD_ENDED_OPERATION = (
-    "INSERT INTO operations (id, state, result, error, created_at, completed_at) "
-    "VALUES (:id, :state, :result, :error, :ts, :ts) ON CONFLICT (id) DO NOTHING RETURNING id"
-)
-_END_OPERATION = (
-    "UPDATE operations SET state = :state, result = :result, error = :error, completed_at = :ts "
-    f"WHERE id = :id AND state = '{OperationState.PENDING.value}' "
-    f"RETURNING {_OPERATION_COLUMNS}"
-)
-_RELEASE_WAITER = (
-    "UPDATE tasks SET lease_owner = NULL, lease_expires = NULL "
-    f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) AND lease_owner = :waiter "
-    "RETURNING id"
-)

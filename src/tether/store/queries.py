@@ -1,0 +1,234 @@
+"""The store's SQL, by name: one text for SQLite and PostgreSQL, ``:name`` parameters.
+
+Run through ``sql_exec``. State names are inlined from the enum (never user input),
+so each guard is one prepared statement. The ``PG_`` statements do in one round
+trip what the portable ones do in several (data-modifying CTEs, JSON aggregates),
+where PostgreSQL's per-statement cost shows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from tether.core.states import ACTIVE, TERMINAL, TaskState, allowed_from
+from tether.store.base import OperationState
+
+_ACTIVE = [s.value for s in ACTIVE]
+_TERMINAL = [s.value for s in TERMINAL]
+
+
+TASK_COLUMN_NAMES = (
+    "id",
+    "context_id",
+    "owner",
+    "state",
+    "version",
+    "status_message",
+    "status_ts",
+    "created_at",
+    "metadata",
+    "last_seq",
+    "attempts",
+    "lease_owner",
+    "lease_expires",
+)
+TASK_COLUMNS = ", ".join(TASK_COLUMN_NAMES)
+
+
+def _states(states: Sequence[str]) -> str:
+    # Enum values, never user input: safe to inline, and one prepared statement each.
+    return ", ".join(f"'{s}'" for s in states)
+
+
+ALLOWED_FROM = {to: tuple(sorted(s.value for s in allowed_from(to))) for to in TaskState}
+WORKING = (TaskState.WORKING.value,)
+STATE_SETS = (
+    "state = :state",
+    "version = version + 1",
+    "status_ts = :ts",
+    "status_message = :status_message",
+)
+LEASE_CLEARED = ("lease_owner = NULL", "lease_expires = NULL")
+
+
+@functools.cache
+def bump(sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: bool) -> str:
+    where = f"id = :id AND state IN ({_states(states)})"
+    if owner:
+        where += " AND owner = :owner"
+    if lease:
+        where += " AND lease_owner = :lease_owner"
+    assign = ", ".join(("last_seq = last_seq + 1", *sets))
+    return f"UPDATE tasks SET {assign} WHERE {where} RETURNING last_seq, context_id, owner"
+
+
+FIND_STATE = "SELECT state, lease_owner FROM tasks WHERE id = :id"
+FIND_STATE_OF_OWNER = FIND_STATE + " AND owner = :owner"
+LOAD_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id"
+LOAD_TASK_OF_OWNER = LOAD_TASK + " AND owner = :owner"
+LOAD_ARTIFACTS = "SELECT body FROM artifacts WHERE task_id = :id ORDER BY position"
+LOAD_HISTORY = "SELECT body FROM messages WHERE task_id = :id ORDER BY seq DESC"
+LOAD_HISTORY_LAST = LOAD_HISTORY + " LIMIT :n"
+SEEN = "SELECT task_id FROM messages WHERE owner = :owner AND message_id = :message_id"
+EVENTS_AFTER = (
+    "SELECT seq, kind, payload, final FROM events WHERE task_id = :id AND seq > :after ORDER BY seq"
+)
+EVENTS_AFTER_FIRST = EVENTS_AFTER + " LIMIT :n"
+INSERT_CONTEXT = "INSERT INTO contexts (id, owner, created_at) VALUES (:id, :owner, :ts)"
+ADD_CONTEXT = INSERT_CONTEXT + " ON CONFLICT (id) DO NOTHING RETURNING id"
+CONTEXT_OWNER = "SELECT owner FROM contexts WHERE id = :id"
+INSERT_TASK = (
+    "INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
+    "metadata, last_seq, attempts) "
+    "VALUES (:id, :context_id, :owner, :state, 0, :ts, :ts, :metadata, 1, 0)"
+)
+INSERT_MESSAGE = (
+    "INSERT INTO messages (owner, message_id, task_id, context_id, role, body, created_at) "
+    "VALUES (:owner, :message_id, :task_id, :context_id, :role, :body, :created_at)"
+)
+INSERT_EVENT = (
+    "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
+    "VALUES (:task_id, :seq, :kind, :final, :payload, :created_at)"
+)
+assert TaskState.SUBMITTED in allowed_from(TaskState.WORKING)
+CLAIM_FRESH = (
+    "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
+    f"attempts = attempts + 1, state = '{TaskState.WORKING.value}', version = version + 1, "
+    "status_ts = :now, status_message = NULL, last_seq = last_seq + 1 "
+    f"WHERE id = :id AND state = '{TaskState.SUBMITTED.value}' AND attempts < :max_attempts "
+    "AND (lease_owner IS NULL OR lease_expires <= :now) "
+    f"RETURNING {TASK_COLUMNS}"
+)
+CLAIM = (
+    "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
+    "attempts = attempts + 1 "
+    f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) "
+    "AND (lease_owner IS NULL OR lease_expires <= :now) "
+    "RETURNING state, attempts, context_id"
+)
+EVENT_AT = "SELECT kind, payload FROM events WHERE task_id = :id AND seq = :seq"
+CONTEXT_OF_TASK = "SELECT context_id FROM tasks WHERE id = :id AND owner = :owner"
+TASK_OF_OWNER = "SELECT id FROM tasks WHERE id = :id AND owner = :owner"
+CONTEXT_HISTORY = (
+    "SELECT m.body FROM messages m JOIN tasks t ON t.id = m.task_id "
+    "WHERE m.context_id = :context_id AND t.owner = :owner ORDER BY m.seq"
+)
+ARTIFACT = "SELECT body FROM artifacts WHERE task_id = :task_id AND artifact_id = :artifact_id"
+INSERT_ARTIFACT = (
+    # :of_task repeats :task_id: PostgreSQL deduces one type per parameter.
+    "INSERT INTO artifacts (task_id, artifact_id, position, body) VALUES (:task_id, "
+    ":artifact_id, (SELECT count(*) FROM artifacts WHERE task_id = :of_task), :body)"
+)
+UPDATE_ARTIFACT = (
+    "UPDATE artifacts SET body = :body WHERE task_id = :task_id AND artifact_id = :artifact_id"
+)
+FINISHED_WITH_EVENTS = (
+    f"SELECT id FROM tasks WHERE state IN ({_states(sorted(_TERMINAL))}) "
+    "AND status_ts < :before AND EXISTS (SELECT 1 FROM events WHERE events.task_id = tasks.id) "
+    "LIMIT :n"
+)
+LEASE = "SELECT lease_owner, lease_expires FROM tasks WHERE id = :id"
+RELEASE_LEASES = (
+    "UPDATE tasks SET lease_owner = NULL, lease_expires = NULL "
+    "WHERE lease_owner IS NOT NULL AND lease_owner NOT LIKE :waiting"
+)
+RELEASE_LEASES_OF = RELEASE_LEASES + " AND lease_owner = :worker"
+RUNNABLE = (
+    f"SELECT id FROM tasks WHERE state IN ({_states(sorted(_ACTIVE))}) "
+    "AND (lease_owner IS NULL OR lease_expires <= :now) ORDER BY created_at LIMIT :n"
+)
+INSERT_FEEDBACK = (
+    "INSERT INTO feedback (task_id, owner, rating, text, metadata, created_at) "
+    "VALUES (:task_id, :owner, :rating, :text, :metadata, :ts)"
+)
+FEEDBACK_AT = (
+    "SELECT id FROM feedback WHERE task_id = :task_id AND owner = :owner AND created_at = :ts"
+)
+OPERATION_COLUMNS = "id, task_id, state, result, error, deadline"
+OPERATION = f"SELECT {OPERATION_COLUMNS} FROM operations WHERE id = :id"
+ADD_OPERATION = (
+    "INSERT INTO operations (id, task_id, state, deadline, created_at) "
+    "VALUES (:id, :task_id, :state, :deadline, :ts) ON CONFLICT (id) DO NOTHING"
+)
+AWAIT_OPERATION = (
+    "UPDATE operations SET task_id = :task_id, deadline = :deadline, state = :state, "
+    f"completed_at = COALESCE(completed_at, :ts) WHERE id = :id RETURNING {OPERATION_COLUMNS}"
+)
+PARK = (
+    "UPDATE tasks SET lease_owner = :waiter, lease_expires = :until, attempts = 0 "
+    f"WHERE id = :id AND state = '{TaskState.WORKING.value}' AND lease_owner = :lease_owner "
+    "RETURNING id"
+)
+ADD_ENDED_OPERATION = (
+    "INSERT INTO operations (id, state, result, error, created_at, completed_at) "
+    "VALUES (:id, :state, :result, :error, :ts, :ts) ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+END_OPERATION = (
+    "UPDATE operations SET state = :state, result = :result, error = :error, completed_at = :ts "
+    f"WHERE id = :id AND state = '{OperationState.PENDING.value}' "
+    f"RETURNING {OPERATION_COLUMNS}"
+)
+RELEASE_WAITER = (
+    "UPDATE tasks SET lease_owner = NULL, lease_expires = NULL "
+    f"WHERE id = :id AND state IN ({_states(sorted(_ACTIVE))}) AND lease_owner = :waiter "
+    "RETURNING id"
+)
+
+
+# -- PostgreSQL: one round trip where the portable form takes several ---------------
+# Parameters inside INSERT ... SELECT lists carry casts: PostgreSQL deduces one type per
+# parameter and cannot deduce one there.
+
+_ARTIFACTS_OF = "(SELECT json_agg(body ORDER BY position) FROM artifacts WHERE task_id = {})"
+_HISTORY_OF = (
+    "(SELECT json_agg(h.body ORDER BY h.seq) FROM (SELECT body, seq FROM messages "
+    "WHERE task_id = {} ORDER BY seq DESC LIMIT {}) h)"
+)
+# The task, its artifacts and its last :n messages (all when :n is NULL), one snapshot.
+PG_LOAD = (
+    f"SELECT {TASK_COLUMNS}, {_ARTIFACTS_OF.format('tasks.id')}, "
+    f"{_HISTORY_OF.format('tasks.id', ':n')} FROM tasks WHERE id = :id"
+)
+PG_LOAD_OF_OWNER = PG_LOAD + " AND owner = :owner"
+
+_STATUS_EVENT = (
+    "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
+    "SELECT {id}, last_seq, 'status', CAST(:final AS boolean), jsonb_build_object("
+    "'taskId', {id}, 'contextId', context_id, 'status', CAST(:status AS jsonb)), "
+    "CAST(:created AS double precision) FROM u"
+)
+PG_CLAIM_FRESH = (
+    f"WITH u AS ({CLAIM_FRESH}), "
+    f"e AS ({_STATUS_EVENT.format(id='id')}) "
+    f"SELECT u.*, {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')} FROM u"
+)
+PG_SUBMIT = (
+    "WITH c AS (INSERT INTO contexts (id, owner, created_at) VALUES (:context_id, :owner, :ts)), "
+    "t AS (INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
+    "metadata, last_seq, attempts) VALUES (:id, :context_id, :owner, :state, 0, :ts, :ts, "
+    "CAST(:metadata AS jsonb), 1, 0)), "
+    "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
+    "created_at) VALUES (:owner, :message_id, :id, :context_id, :role, CAST(:body AS jsonb), "
+    ":ts)) "
+    "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
+    "VALUES (:id, 1, 'status', false, CAST(:payload AS jsonb), :ts)"
+)
+
+
+@functools.cache
+def pg_set_state(
+    sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: bool, message: bool
+) -> str:
+    """``bump`` with its message and its status event written in the same statement."""
+    task_id = "CAST(:task_id AS varchar)"
+    parts = [f"WITH u AS ({bump(sets, states, owner, lease)})"]
+    if message:
+        parts.append(
+            "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
+            f"created_at) SELECT owner, CAST(:message_id AS varchar), {task_id}, "
+            "CAST(:message_context AS varchar), CAST(:role AS varchar), CAST(:body AS jsonb), "
+            "CAST(:created AS double precision) FROM u)"
+        )
+    parts.append(f"e AS ({_STATUS_EVENT.format(id=task_id)})")
+    return ", ".join(parts) + " SELECT last_seq, context_id, owner FROM u"

@@ -60,7 +60,7 @@ def test_open_store_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     store = open_store("postgresql+asyncpg://postgres@127.0.0.1:5432/unused")
     assert isinstance(store, SqlStore)
     # The connection pool is made on first use; these are what it is made with.
-    assert store._pool_size == 3 + 10  # pool size plus the default overflow
+    assert store._pool_size == 3
     assert store._pool_timeout == 4
     assert isinstance(open_store("memory://"), MemoryStore)
 

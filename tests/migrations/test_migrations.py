@@ -11,10 +11,11 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from tether.store import migrate
+from tether.store import migrate, revision
 from tether.store.schema import include_object, metadata
 
 HEAD = migrate.history()[0][0]
@@ -137,3 +138,8 @@ async def test_concurrent_upgrades_on_postgres(postgres_database: Callable[[], s
     finally:
         for e in engines:
             await e.dispose()
+
+
+def test_revision_head_is_alembics_head() -> None:
+    # The store finds a database at head without Alembic by comparing with this.
+    assert ScriptDirectory.from_config(migrate.config()).get_current_head() == revision.HEAD

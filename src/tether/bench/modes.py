@@ -272,6 +272,20 @@ def _serve(
     return group.start(role, argv, env=env, log_path=workdir / f"{role}.log", cwd=workdir)
 
 
+def _migrate(db: str, env: dict[str, str], opts: DeployOptions) -> None:
+    """Apply the schema first, as a deployment does: the servers then find it at head and
+    never load Alembic, so their memory is what serving costs."""
+    argv = tether_argv("db", "upgrade", "--db", db)
+    try:
+        done = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=opts.ready_timeout
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DeployError(f"`tether db upgrade` failed: {exc}") from exc
+    if done.returncode != 0:
+        raise DeployError(f"`tether db upgrade` failed:\n{done.stderr[-2000:]}")
+
+
 @contextlib.contextmanager
 def deploy(mode: str, target: str, opts: DeployOptions) -> Iterator[Deployment]:
     """Start ``target`` (an agent ``MODULE:ATTR``) in ``mode``; everything stops on exit."""
@@ -296,12 +310,14 @@ def deploy(mode: str, target: str, opts: DeployOptions) -> Iterator[Deployment]:
         elif mode == "embedded":
             env = _child_env(TETHER_CONCURRENCY=conc)
             db = str(workdir / "bench.db")
+            _migrate(db, env, opts)
             api = _serve(group, "server", target, port, workdir, env, opts, "--db", db)
             dep.notes.append(f"SQLite {db}")
         elif mode == "postgres":
             url = services.enter_context(fresh_postgres(opts.pg_admin_url))
             dep.pg_admin, dep.pg_database = opts.pg_admin_url, url.rsplit("/", 1)[-1]
             env = _child_env(TETHER_CONCURRENCY=conc, TETHER_BROKER_URL="local")
+            _migrate(url, env, opts)
             api = _serve(group, "server", target, port, workdir, env, opts, "--db", url)
             dep.notes.append(f"PostgreSQL database {url.rsplit('/', 1)[-1]}, local broker")
         elif mode == "redis":
@@ -316,8 +332,8 @@ def deploy(mode: str, target: str, opts: DeployOptions) -> Iterator[Deployment]:
                 # Own keys even on a shared Redis database (the database is empty anyway).
                 TETHER_REDIS_PREFIX=f"tether-bench-{uuid.uuid4().hex[:8]}",
             )
+            _migrate(url, env, opts)
             api = _serve(group, "api", target, port, workdir, env, opts, "--workers", "0")
-            # The API applies the migrations; workers start once it answers.
             wait_ready(api, f"{dep.url}/healthz", opts.ready_timeout)
             _, worker_help = _help("worker")
             for i in range(opts.worker_procs):

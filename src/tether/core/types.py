@@ -7,6 +7,9 @@ canonical shape on disk and on the wire, so nothing is converted twice.
 from __future__ import annotations
 
 import functools
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,15 @@ def new_id() -> str:
     # Time-ordered (UUIDv7): new rows land at the right edge of every index keyed by
     # id, so a commit writes a few pages instead of one random page per index.
     return str(uuid7())
+
+
+def instance_id() -> str:
+    """Names this process among its peers: host, pid and a random part.
+
+    Random, not a prefix of ``new_id()``: ids are time-ordered, so their first
+    characters are the same for instances made close together.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def now() -> float:

@@ -23,14 +23,10 @@ from tether.broker.base import Broker
 from tether.broker.local import LocalBroker
 from tether.config import Settings
 from tether.core.errors import InvalidInput
+from tether.core.types import instance_id
 from tether.events.base import EventBus
 from tether.events.local import LocalEventBus
 from tether.runtime.agent import Agent
-from tether.runtime.completions import (
-    CompletionConsumer,
-    apply_completion,
-    publish_operation_complete,
-)
 from tether.runtime.worker import Runtime
 from tether.store import open_store
 from tether.store.base import TaskStore
@@ -52,9 +48,7 @@ def uses_redis(settings: Settings) -> bool:
 
 
 def default_worker_id() -> str:
-    from tether.broker.redis import default_consumer
-
-    return default_consumer()
+    return instance_id()
 
 
 def open_broker(settings: Settings, worker_id: str) -> Broker:
@@ -96,6 +90,9 @@ def make_runtime(
 ) -> Runtime:
     completions = None
     if uses_redis(settings):
+        # Imported here: the embedded server never loads redis (7 MiB of its memory).
+        from tether.runtime.completions import CompletionConsumer
+
         completions = CompletionConsumer(
             store,
             broker,
@@ -124,6 +121,8 @@ def completer(settings: Settings, store: TaskStore, broker: Broker) -> Complete:
     if uses_redis(settings):
         # Through the stream, like every completion: the consumer group stores it once.
         async def publish(operation_id: str, result: Any, error: str | None) -> dict[str, Any]:
+            from tether.runtime.completions import publish_operation_complete
+
             client = getattr(broker, "redis", None)
             entry = await publish_operation_complete(
                 operation_id,
@@ -139,6 +138,8 @@ def completer(settings: Settings, store: TaskStore, broker: Broker) -> Complete:
 
     async def direct(operation_id: str, result: Any, error: str | None) -> dict[str, Any]:
         # Embedded: no consumer group to go through; store it and queue the task here.
+        from tether.runtime.completions import apply_completion
+
         done = await apply_completion(store, broker, operation_id, result, error)
         return {
             "operationId": operation_id,

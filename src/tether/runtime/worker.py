@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +31,7 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.states import TaskState
-from tether.core.types import JSON, TaskEvent, new_id
+from tether.core.types import JSON, TaskEvent, instance_id
 from tether.events.base import EventBus
 from tether.runtime.agent import Agent
 from tether.runtime.context import Context
@@ -69,7 +67,7 @@ class Runtime:
         self.bus = bus
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        self.worker_id = worker_id or instance_id()
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._contexts: dict[str, Context] = {}
         self._claiming: set[str] = set()

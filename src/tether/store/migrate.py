@@ -1,22 +1,65 @@
-"""Alembic, driven from code: the server applies migrations at start-up, ``tether db`` on demand."""
+"""Alembic, driven from code: the server applies migrations at start-up, ``tether db`` on demand.
+
+SQLAlchemy and Alembic are loaded only here (and by ``schema``): the store's own
+queries run on the drivers (``sql_exec``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from tether.store import sqlite_inline
+from tether.store.sql_exec import BadValue, DriverError, sqlite_pragmas
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 # Any fixed 64-bit key will do; this one spells "tether" in ASCII.
 _PG_MIGRATION_LOCK = 0x746574686572
+
+
+def engine(url: str, command_timeout: float) -> AsyncEngine:
+    """A SQLAlchemy engine on the store's database, for migrations and operators' tools."""
+    kwargs: dict[str, Any] = {
+        "json_serializer": lambda v: orjson.dumps(v).decode(),
+        "json_deserializer": orjson.loads,
+    }
+    if make_url(url).get_backend_name() == "sqlite":
+        path = make_url(url).database or ""
+        kwargs["async_creator"] = sqlite_inline.connector(path, command_timeout)
+        made = create_async_engine(url, **kwargs)
+        busy_ms = int(command_timeout * 1000)
+        event.listen(made.sync_engine, "connect", lambda conn, _: sqlite_pragmas(conn, busy_ms))
+        return made
+    kwargs.update(pool_size=1, connect_args={"command_timeout": command_timeout})
+    return create_async_engine(url, **kwargs)
+
+
+async def upgrade_url(url: str, command_timeout: float) -> None:
+    """``upgrade`` to head on a fresh engine; SQLAlchemy's errors as ``DriverError``."""
+    made = engine(url, command_timeout)
+    try:
+        await upgrade(made)
+    except sa_exc.DBAPIError as exc:
+        cause = exc.orig if exc.orig is not None else exc
+        code = getattr(cause, "sqlstate", None)
+        code = code if isinstance(code, str) else None
+        kind = BadValue if code is not None and code.startswith("22") else DriverError
+        raise kind(cause, sqlstate=code, disconnected=exc.connection_invalidated) from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise DriverError(exc) from exc
+    finally:
+        await made.dispose()
 
 
 def config(connection: Connection | None = None) -> Config:

@@ -21,22 +21,28 @@ import os
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import asyncpg
-import orjson
-from sqlalchemy import event as sa_event
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tether.core.errors import (
     InvalidInput,
     StoreUnavailable,
     TetherError,
 )
-from tether.store import sqlite_inline
-from tether.store.sql_exec import Db, PgDb, SqliteDb, pg_error
+from tether.store.sql_exec import (
+    BadValue,
+    Conflict,
+    Db,
+    DriverError,
+    PgDb,
+    SqliteDb,
+    pg_error,
+    sqlite_pragmas,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 from tether.store.sqlite_batch import GroupCommit
 
 log = logging.getLogger("tether.store")
@@ -45,30 +51,15 @@ Op = Callable[[Db], Awaitable[T]]
 Verify = Callable[[Db, T], Awaitable[bool]]
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return code if isinstance(code, str) else None
-
-
-def _bad_value(exc: sa_exc.DBAPIError) -> bool:
-    # asyncpg's data exceptions reach SQLAlchemy as a plain DBAPIError: class 22 says it.
-    code = _sqlstate(exc)
-    return isinstance(exc, sa_exc.DataError) or (code is not None and code.startswith("22"))
-
-
-def _transient(exc: sa_exc.DBAPIError) -> bool:
-    if exc.connection_invalidated:
+def _transient(exc: DriverError) -> bool:
+    if exc.disconnected:
         return True
-    code = _sqlstate(exc)
+    code = exc.sqlstate
     # 40001 serialization failure, 40P01 deadlock, 08xxx connection, 57P0x shutdown
     # (57014, a cancelled statement, is a timeout: retrying it only adds load).
     if code is not None:
         return code in ("40001", "40P01") or code[:2] == "08" or code[:4] == "57P0"
-    text = str(exc.orig).lower()
+    text = str(exc).lower()
     return any(
         s in text
         for s in ("connection", "closed", "terminat", "database is locked", "shutting down")
@@ -76,10 +67,8 @@ def _transient(exc: sa_exc.DBAPIError) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    """One line about a driver error, without the SQL and parameters SQLAlchemy appends."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc) or type(exc).__name__
-    return text.splitlines()[0]
+    """One line about a driver error."""
+    return (str(exc) or type(exc).__name__).splitlines()[0]
 
 
 def _unavailable(message: str, cause: BaseException, *, retryable: bool = True) -> StoreUnavailable:
@@ -114,8 +103,7 @@ class SqlEngine:
         run_migrations: bool = True,
     ) -> None:
         self.url = url
-        parsed = make_url(url)
-        self.dialect = parsed.get_backend_name()
+        self.dialect, self._target = _parse(url)
         self._retries = retries
         self._backoff = retry_backoff
         self._run_migrations = run_migrations
@@ -126,39 +114,26 @@ class SqlEngine:
         self._batch: GroupCommit | None = None
         self._reader: SqliteDb | None = None
         self._pool: asyncpg.Pool | None = None
-        kwargs: dict[str, Any] = {"json_serializer": _dumps, "json_deserializer": orjson.loads}
-        if self.dialect == "sqlite":
-            self._path = parsed.database or ""
-            if self._path in ("", ":memory:"):
-                raise InvalidInput(
-                    "a SQLite store needs a file path (memory:// keeps tasks in memory)"
-                )
-            kwargs["async_creator"] = sqlite_inline.connector(self._path, command_timeout)
-        else:
-            kwargs.update(
-                pool_size=1,
-                connect_args={"command_timeout": command_timeout},
-            )
-        # Migrations only: the store's queries run on the driver (see sql_exec).
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        if self.dialect == "sqlite":
-            busy_ms = int(command_timeout * 1000)
-            sa_event.listen(
-                self.engine.sync_engine,
-                "connect",
-                lambda dbapi_conn, _rec: _sqlite_pragmas(dbapi_conn, busy_ms),
-            )
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """SQLAlchemy's engine on this database, for migrations and operators' tools."""
+        if self._engine is None:
+            from tether.store.migrate import engine
+
+            self._engine = engine(self.url, self._command_timeout)
+        return self._engine
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         if self.dialect == "sqlite":
             self._lock_database()
-        if self._run_migrations:
-            from tether.store.migrate import upgrade
+        if self._run_migrations and not await self._retrying(self._at_head):
+            from tether.store.migrate import upgrade_url
 
-            await self._retrying(lambda: upgrade(self.engine))
-            await self.engine.dispose()
+            await self._retrying(lambda: upgrade_url(self.url, self._command_timeout))
         if self.dialect == "sqlite":
             # One connection writes (all writes share its commits), one reads.
             writer = self._sqlite()
@@ -180,20 +155,45 @@ class SqlEngine:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), self._pool_timeout)
             self._pool = None
-        await self.engine.dispose()
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
 
+    async def _at_head(self) -> bool:
+        """Whether the schema is at ``revision.HEAD`` (then nothing loads Alembic)."""
+        from tether.store.revision import HEAD
+
+        async def version(db: Db) -> bool:
+            try:
+                row = await db.first("SELECT version_num FROM alembic_version", {})
+            except DriverError as exc:
+                if exc.disconnected:
+                    raise
+                return False  # no such table yet: a new database
+            return row is not None and row[0] == HEAD
+
+        if self.dialect == "sqlite":
+            conn = self._sqlite()
+            try:
+                return await version(SqliteDb(conn))
+            finally:
+                conn.close()
+        pool = await self._connections()
+        async with pool.acquire(timeout=self._pool_timeout) as conn:
+            return await version(PgDb(conn))
+
     def _sqlite(self) -> sqlite3.Connection:
         # Autocommit mode: the store says BEGIN and COMMIT itself.
         conn = sqlite3.connect(
-            self._path,
+            self._target,
             timeout=self._command_timeout,
             isolation_level=None,
             check_same_thread=False,
         )
-        _sqlite_pragmas(conn, int(self._command_timeout * 1000))
+        sqlite_pragmas(conn, int(self._command_timeout * 1000))
         return conn
 
     async def _connections(self) -> asyncpg.Pool:
@@ -201,9 +201,8 @@ class SqlEngine:
         server that starts while PostgreSQL is down answers "unavailable" until it is up."""
         if self._pool is not None:
             return self._pool
-        url = make_url(self.url).set(drivername="postgresql")
         pool: asyncpg.Pool = await asyncpg.create_pool(
-            url.render_as_string(hide_password=False),
+            self._target,
             min_size=0,
             max_size=self._pool_size,
             command_timeout=self._command_timeout,
@@ -220,9 +219,7 @@ class SqlEngine:
 
     def _lock_database(self) -> None:
         """One server process per SQLite file, so a restart may take over every lease."""
-        path = make_url(self.url).database
-        if not path or path == ":memory:":
-            return
+        path = self._target
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,7 +249,7 @@ class SqlEngine:
 
         After a commit of unknown outcome, ``verify`` (given what ``op`` returned) says
         whether it landed; without it only an ``idempotent`` op is run again.
-        ``IntegrityError`` passes through untranslated: the caller decides what a
+        ``Conflict`` passes through untranslated: the caller decides what a
         conflict means (see ``_write``).
         """
         delay = self._backoff
@@ -268,7 +265,7 @@ class SqlEngine:
                 ) as raw:
                     # From the pool or a transaction's BEGIN, outside ``PgDb``'s own calls.
                     raise pg_error(raw) from raw
-            except (TetherError, sa_exc.IntegrityError):
+            except (TetherError, Conflict):
                 raise
             except _CommitUnknown as exc:
                 cause = exc.cause
@@ -291,20 +288,18 @@ class SqlEngine:
                         "have been applied",
                         cause,
                     ) from cause
-            except sa_exc.DBAPIError as exc:
-                if _bad_value(exc):
+            except DriverError as exc:
+                if isinstance(exc, BadValue):
                     raise InvalidInput(f"the database refused a value: {_reason(exc)}") from exc
                 if not _transient(exc):
                     raise _unavailable("database error", exc, retryable=False) from exc
                 cause = exc
-            except (TimeoutError, sa_exc.TimeoutError) as exc:
+            except TimeoutError as exc:
                 # A statement or pool wait already took its full timeout: more tries only add load.
                 raise _unavailable("database timed out", exc) from exc
             except OSError as exc:
                 # asyncpg reports a refused or reset connect as a bare OSError.
                 cause = exc
-            except sa_exc.SQLAlchemyError as exc:
-                raise _unavailable("database error", exc, retryable=False) from exc
             if attempt == self._retries:
                 raise _unavailable(
                     f"database unavailable after {attempt + 1} attempts", cause
@@ -357,7 +352,7 @@ class SqlEngine:
 
         try:
             return await self._retrying(once, idempotent=idempotent, verify=verify)
-        except sa_exc.IntegrityError as exc:
+        except Conflict as exc:
             if on_conflict is None:
                 raise InvalidInput(f"conflicts with stored data: {_reason(exc)}") from exc
             return await on_conflict()
@@ -389,12 +384,16 @@ async def _rollback_if_open(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL + NORMAL: durable at checkpoints, no fsync per commit; a crash of the
-    # process loses nothing, a power cut may lose the last commits.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
-    cur.close()
+def _parse(url: str) -> tuple[str, str]:
+    """The dialect, and the SQLite path or the DSN asyncpg takes, of a SQLAlchemy-style URL."""
+    scheme, sep, rest = url.partition("://")
+    dialect = scheme.split("+", 1)[0]
+    if sep and dialect == "sqlite":
+        # sqlite:///relative.db and sqlite:////absolute/path.db, as SQLAlchemy reads them.
+        path = rest[1:].split("?", 1)[0] if rest.startswith("/") else ""
+        if path in ("", ":memory:"):
+            raise InvalidInput("a SQLite store needs a file path (memory:// keeps tasks in memory)")
+        return dialect, path
+    if sep and dialect in ("postgresql", "postgres"):
+        return "postgresql", f"postgresql://{rest}"
+    raise InvalidInput(f"{url!r}: not a sqlite:/// or postgresql:// database URL")

@@ -8,8 +8,8 @@ is the same for both databases; ``SqliteDb`` runs it on ``sqlite3`` (which takes
 ``:name`` itself), ``PgDb`` on asyncpg (rewritten once to ``$n``).
 
 JSON goes in and comes out as text, through ``dumps`` and ``loads``. Driver errors
-become SQLAlchemy's ``DBAPIError`` family here, the one family the engine
-translates (transient or not, conflict, bad value).
+are sorted here, once, into ``DriverError`` (and its ``Conflict`` and ``BadValue``):
+what the engine needs to decide between retrying, refusing and giving up.
 """
 
 from __future__ import annotations
@@ -22,10 +22,30 @@ from typing import Any, Protocol
 
 import asyncpg
 import orjson
-from sqlalchemy import exc as sa_exc
 
 Params = Mapping[str, Any]
 Row = Sequence[Any]
+
+
+class DriverError(Exception):
+    """A database driver's error. ``disconnected``: the connection is gone, so the
+    call may work on another one; ``sqlstate``: PostgreSQL's code, when it gave one."""
+
+    def __init__(
+        self, cause: BaseException, *, sqlstate: str | None = None, disconnected: bool = False
+    ) -> None:
+        super().__init__(str(cause) or type(cause).__name__)
+        self.cause = cause
+        self.sqlstate = sqlstate
+        self.disconnected = disconnected
+
+
+class Conflict(DriverError):
+    """A unique or foreign-key constraint refused the write."""
+
+
+class BadValue(DriverError):
+    """The database refused a value (SQLSTATE class 22)."""
 
 
 class Db(Protocol):
@@ -54,8 +74,12 @@ class SqliteDb:
     def execute(self, sql: str, params: Params | None = None) -> sqlite3.Cursor:
         try:
             return self.conn.execute(sql, params or {})
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(exc) from exc
+        except sqlite3.DataError as exc:
+            raise BadValue(exc) from exc
         except sqlite3.Error as exc:
-            raise sa_exc.DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
+            raise DriverError(exc) from exc
 
     async def rows(self, sql: str, params: Params) -> list[Row]:
         return self.execute(sql, params).fetchall()
@@ -82,14 +106,14 @@ class PgDb:
         try:
             return list(await self.conn.fetch(text, *args))
         except Exception as exc:
-            raise pg_error(exc, sql, params) from exc
+            raise pg_error(exc) from exc
 
     async def first(self, sql: str, params: Params) -> Row | None:
         text, args = _positional(sql, params)
         try:
             row: Row | None = await self.conn.fetchrow(text, *args)
         except Exception as exc:
-            raise pg_error(exc, sql, params) from exc
+            raise pg_error(exc) from exc
         return row
 
     async def run(self, sql: str, params: Params) -> int:
@@ -97,7 +121,7 @@ class PgDb:
         try:
             status = await self.conn.execute(text, *args)
         except Exception as exc:
-            raise pg_error(exc, sql, params) from exc
+            raise pg_error(exc) from exc
         # asyncpg answers with the command tag: "UPDATE 3", "INSERT 0 1", "DELETE 0".
         count = status.rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else 0
@@ -124,19 +148,14 @@ def _positional(sql: str, params: Params) -> tuple[str, list[Any]]:
     return text, [params[n] for n in names]
 
 
-def pg_error(exc: BaseException, sql: str | None = None, params: Params | None = None) -> Any:
-    """An asyncpg (or socket) error as SQLAlchemy's, or ``exc`` itself when it is not one."""
+def pg_error(exc: BaseException) -> BaseException:
+    """An asyncpg (or socket) error as a ``DriverError``; any other exception as it is."""
     if isinstance(exc, asyncpg.PostgresError):
         code = exc.sqlstate or ""
-        kind: type[sa_exc.DBAPIError] = sa_exc.DBAPIError
-        if code.startswith("23"):
-            kind = sa_exc.IntegrityError
-        elif code.startswith("22"):
-            kind = sa_exc.DataError
-        return kind(sql, params, exc)
+        kind = Conflict if code.startswith("23") else BadValue if code.startswith("22") else None
+        return (kind or DriverError)(exc, sqlstate=code or None)
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError):
-        # The connection is gone (or was never there): a retry on another one may work.
-        return sa_exc.DBAPIError(sql, params, exc, connection_invalidated=True)
+        return DriverError(exc, disconnected=True)
     return exc
 
 
@@ -153,3 +172,15 @@ def dumps(value: Any) -> str | None:
 def loads(value: Any) -> Any:
     """A JSON column as read (text from both drivers: asyncpg's default for json/jsonb)."""
     return None if value is None else orjson.loads(value)
+
+
+def sqlite_pragmas(conn: Any, busy_ms: int) -> None:
+    """Settings every SQLite connection of the store gets (a DB-API connection)."""
+    cur = conn.cursor()
+    # WAL + NORMAL: durable at checkpoints, no fsync per commit; a crash of the
+    # process loses nothing, a power cut may lose the last commits.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+    cur.close()

@@ -18,9 +18,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import exc as sa_exc
-
-from tether.store.sql_exec import Db, SqliteDb
+from tether.store.sql_exec import Db, DriverError, SqliteDb
 
 T = TypeVar("T")
 Op = Callable[[Db], Awaitable[T]]
@@ -82,7 +80,7 @@ class GroupCommit:
                 db.execute("COMMIT")
             except BaseException:
                 if db.conn.in_transaction:
-                    with contextlib.suppress(sa_exc.DBAPIError):
+                    with contextlib.suppress(DriverError):
                         db.execute("ROLLBACK")
                 raise
         except BaseException as exc:

@@ -238,9 +238,10 @@ async def test_values_postgres_refuses_are_invalid_input(pg_store: SqlStore) -> 
 class CommitCutter:
     """A TCP proxy in front of PostgreSQL that breaks a connection around one COMMIT.
 
-    ``arm("after")``: the next COMMIT reaches the server, which commits, and its reply
-    is dropped with the connection (a lost acknowledgement). ``arm("before")``: the
-    next COMMIT never reaches the server and the connection drops.
+    ``arm("after")``: the next COMMIT (or statement run outside a transaction, which
+    commits on its own) reaches the server, which commits, and its reply is dropped
+    with the connection (a lost acknowledgement). ``arm("before")``: it never reaches
+    the server and the connection drops.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -267,6 +268,8 @@ class CommitCutter:
     async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection(*self.target)
         drop_reply = asyncio.Event()
+        # The server's last ReadyForQuery status: b"I" idle, b"T" in a transaction.
+        status = [b""]
 
         def cut() -> None:
             self.cuts += 1
@@ -275,7 +278,7 @@ class CommitCutter:
 
         async def upstream() -> None:
             while data := await cr.read(65536):
-                if self.mode is not None and b"COMMIT" in data:
+                if self.mode is not None and _commits(data, status[0]):
                     mode, self.mode = self.mode, None
                     if mode == "before":
                         cut()
@@ -289,6 +292,9 @@ class CommitCutter:
                 if drop_reply.is_set():
                     cut()  # the server has answered the COMMIT: it committed
                     return
+                at = data.rfind(b"Z\x00\x00\x00\x05")
+                if at >= 0 and at + 5 < len(data):
+                    status[0] = data[at + 5 : at + 6]
                 cw.write(data)
                 await cw.drain()
 
@@ -300,6 +306,13 @@ class CommitCutter:
         sw.transport.abort()
         await asyncio.gather(*pumps, return_exceptions=True)
         self._pumps.difference_update(pumps)
+
+
+def _commits(data: bytes, status: bytes) -> bool:
+    """Whether ``data`` from the client ends a write: a COMMIT, or a statement executed
+    outside a transaction (autocommit: the statement is its own commit)."""
+    execute = b"E\x00\x00\x00\x09\x00"  # Execute of the unnamed portal, no row limit
+    return b"COMMIT" in data or (status == b"I" and execute in data)
 
 
 @pytest.fixture

@@ -232,3 +232,8 @@ def pg_set_state(
         )
     parts.append(f"e AS ({_STATUS_EVENT.format(id=task_id)})")
     return ", ".join(parts) + " SELECT last_seq, context_id, owner FROM u"
+
+
+EVENT_WRITTEN_AT = (
+    "SELECT seq, kind, payload, final FROM events WHERE task_id = :id AND created_at = :ts"
+)

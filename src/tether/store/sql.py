@@ -134,7 +134,15 @@ class SqlStore(SqlEngine):
         raise InvalidTransition(task_id, current, wanted)
 
     async def _event(
-        self, db: Db, task_id: str, seq: int, kind: str, payload: JSON, final: bool
+        self,
+        db: Db,
+        task_id: str,
+        seq: int,
+        kind: str,
+        payload: JSON,
+        final: bool,
+        *,
+        created_at: float | None = None,
     ) -> TaskEvent:
         await db.run(
             q.INSERT_EVENT,
@@ -144,10 +152,21 @@ class SqlStore(SqlEngine):
                 "kind": kind,
                 "final": final,
                 "payload": dumps(payload),
-                "created_at": now(),
+                "created_at": now() if created_at is None else created_at,
             },
         )
         return TaskEvent(task_id, seq, kind, payload, final)
+
+    @staticmethod
+    async def _written_at(db: Db, task_id: str, ts: float) -> TaskEvent | None:
+        """The event a write stamped with ``ts`` stored, if it did.
+
+        ``ts`` is that write's own clock reading: no other writer stamped the same.
+        """
+        row = await db.first(q.EVENT_WRITTEN_AT, {"id": task_id, "ts": ts})
+        if row is None:
+            return None
+        return TaskEvent(task_id, row[0], row[1], loads(row[2]), bool(row[3]))
 
     async def _message(self, db: Db, owner: str, message: JSON) -> None:
         await db.run(
@@ -173,12 +192,14 @@ class SqlStore(SqlEngine):
         owner: str | None = None,
         lease_owner: str | None = None,
         new_turn: bool = False,
+        ts: float | None = None,
     ) -> TaskEvent:
         """``message`` must already name its task and context (``common.stamp``).
 
-        ``new_turn``: the attempt budget starts again (a follow-up message).
+        ``new_turn``: the attempt budget starts again (a follow-up message). ``ts``: the
+        clock reading to record (the status time, and the event's ``created_at``).
         """
-        ts = now()
+        ts = now() if ts is None else ts
         sets: tuple[str, ...] = q.STATE_SETS
         if to.terminal or to.interrupted:
             sets += q.LEASE_CLEARED
@@ -197,7 +218,7 @@ class SqlStore(SqlEngine):
         if message is not None:
             await self._message(db, task_owner, message)
         payload = status_payload(task_id, context_id, to, message, ts)
-        return await self._event(db, task_id, seq, "status", payload, final)
+        return await self._event(db, task_id, seq, "status", payload, final, created_at=ts)
 
     async def _set_state_pg(
         self,
@@ -344,7 +365,20 @@ class SqlStore(SqlEngine):
 
             return await self._read(existing)
 
-        return await self._write(op, idempotent=True, on_conflict=raced)
+        async def stored(db: Db) -> Submitted | None:
+            """After a lost reply: what the messageId points at, if anything."""
+            seen = await self._seen(db, owner, message["messageId"])
+            return (
+                None
+                if seen is None
+                else await self._existing(db, owner, seen, mine=seen == task_id)
+            )
+
+        # A new context's first message is one statement on PostgreSQL.
+        single = context_id is None and self.dialect == "postgresql"
+        return await self._write(
+            op, idempotent=True, on_conflict=raced, recover=stored if single else None
+        )
 
     @staticmethod
     async def _submit_pg(
@@ -503,19 +537,24 @@ class SqlStore(SqlEngine):
     ) -> TaskEvent:
         if message is not None:
             check_message(message)
+        ts = now()
         return await self._write(
-            lambda db: self._set_state(db, task_id, to, message, lease_owner=lease_owner),
-            verify=self._event_landed,
+            lambda db: self._set_state(db, task_id, to, message, lease_owner=lease_owner, ts=ts),
+            recover=lambda db: self._written_at(db, task_id, ts),
         )
 
     async def cancel(self, owner: str, task_id: str) -> TaskEvent:
+        ts = now()
+
         async def op(db: Db) -> TaskEvent:
             try:
-                return await self._set_state(db, task_id, TaskState.CANCELED, None, owner=owner)
+                return await self._set_state(
+                    db, task_id, TaskState.CANCELED, None, owner=owner, ts=ts
+                )
             except InvalidTransition as exc:
                 raise TaskNotCancelable(task_id, exc.current, TaskState.CANCELED) from None
 
-        return await self._write(op, verify=self._event_landed)
+        return await self._write(op, recover=lambda db: self._written_at(db, task_id, ts))
 
     async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
         async def op(db: Db) -> TaskEvent:
@@ -589,33 +628,56 @@ class SqlStore(SqlEngine):
     async def claim(
         self, task_id: str, worker: str, *, lease_seconds: float, max_attempts: int
     ) -> Claim | None:
+        t = now()  # this claim's clock reading: its lease expiry and its event's stamp
+        working = status(TaskState.WORKING, None, t)
+
+        async def fresh_pg(db: Db) -> Claim | None:
+            """A task never started, leased and started in one statement; None if not such."""
+            row = await db.first(
+                q.PG_CLAIM_FRESH,
+                {
+                    "id": task_id,
+                    "worker": worker,
+                    "now": t,
+                    "expires": t + lease_seconds,
+                    "max_attempts": max_attempts,
+                    "final": False,
+                    "status": dumps(working),
+                    "created": t,
+                },
+            )
+            if row is None:
+                return None
+            task = _with_children(row)
+            payload = {"taskId": task_id, "contextId": task.context_id, "status": working}
+            return Claim(task, [TaskEvent(task_id, task.last_seq, "status", payload)])
+
+        async def claimed(db: Db) -> Claim | None:
+            """After a lost reply: the claim, if its event (stamped ``t``) is stored."""
+            started = await self._written_at(db, task_id, t)
+            return (
+                None if started is None else Claim(await self._load(db, task_id, None), [started])
+            )
+
+        if self.dialect == "postgresql":
+            started = await self._write(fresh_pg, recover=claimed)
+            if started is not None:
+                return started
+
         async def op(db: Db) -> Claim | None:
             t = now()
             params = {"id": task_id, "worker": worker, "now": t, "expires": t + lease_seconds}
-            # The common case, a task never started: leased and started in one statement.
-            if db.dialect == "postgresql":
-                working = status(TaskState.WORKING, None, t)
-                fresh = await db.first(
-                    q.PG_CLAIM_FRESH,
-                    {
-                        **params,
-                        "max_attempts": max_attempts,
-                        "final": False,
-                        "status": dumps(working),
-                        "created": t,
-                    },
-                )
-                if fresh is not None:
-                    task = _with_children(fresh)
-                    payload = {"taskId": task_id, "contextId": task.context_id, "status": working}
-                    return Claim(task, [TaskEvent(task_id, task.last_seq, "status", payload)])
-            else:
+            # The common case, a task never started: leased and started in one statement
+            # (PostgreSQL's is tried above, with its event in the same statement).
+            if db.dialect == "sqlite":
                 fresh = await db.first(q.CLAIM_FRESH, {**params, "max_attempts": max_attempts})
-            if fresh is not None:
-                task = _task(fresh)
-                payload = status_payload(task_id, task.context_id, task.state, None, t)
-                started = await self._event(db, task_id, task.last_seq, "status", payload, False)
-                return Claim(await self._fill(db, task, None), [started])
+                if fresh is not None:
+                    task = _task(fresh)
+                    payload = status_payload(task_id, task.context_id, task.state, None, t)
+                    started = await self._event(
+                        db, task_id, task.last_seq, "status", payload, False
+                    )
+                    return Claim(await self._fill(db, task, None), [started])
             row = await db.first(q.CLAIM, params)
             if row is None:
                 return None

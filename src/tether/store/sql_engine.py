@@ -21,7 +21,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
 
@@ -49,6 +49,7 @@ log = logging.getLogger("tether.store")
 T = TypeVar("T")
 Op = Callable[[Db], Awaitable[T]]
 Verify = Callable[[Db, T], Awaitable[bool]]
+Recover = Callable[[Db], Awaitable[T | None]]
 
 
 def _transient(exc: DriverError) -> bool:
@@ -205,8 +206,14 @@ class SqlEngine:
             self._target,
             min_size=0,
             max_size=self._pool_size,
-            command_timeout=self._command_timeout,
-            server_settings={"application_name": "tether"},
+            # The server enforces the timeout: a statement it cancels is rolled back, where
+            # one the client gives up on may still commit (it runs without BEGIN/COMMIT,
+            # see ``_statement``). The client's own limit is the backstop for a dead link.
+            command_timeout=self._command_timeout + 5.0,
+            server_settings={
+                "application_name": "tether",
+                "statement_timeout": str(int(self._command_timeout * 1000)),
+            },
             # The store leaves no session state behind; asyncpg's default reset costs a
             # round trip each time a connection goes back to the pool.
             reset=_rollback_if_open,
@@ -244,11 +251,13 @@ class SqlEngine:
         *,
         idempotent: bool = True,
         verify: Verify[T] | None = None,
+        recover: Recover[T] | None = None,
     ) -> T:
         """Run ``op`` until it succeeds, retrying transient failures a bounded number of times.
 
         After a commit of unknown outcome, ``verify`` (given what ``op`` returned) says
-        whether it landed; without it only an ``idempotent`` op is run again.
+        whether it landed, or ``recover`` finds what it wrote (a statement whose reply was
+        lost: no result to check); without either only an ``idempotent`` op is run again.
         ``Conflict`` passes through untranslated: the caller decides what a
         conflict means (see ``_write``).
         """
@@ -269,7 +278,19 @@ class SqlEngine:
                 raise
             except _CommitUnknown as exc:
                 cause = exc.cause
-                if verify is not None:
+                if recover is not None:
+                    try:
+                        found = await self._read(recover)
+                    except StoreUnavailable as unknown:
+                        raise _unavailable(
+                            "database connection lost during a write; it may or may not "
+                            "have been applied",
+                            cause,
+                        ) from unknown
+                    if found is not None:
+                        return found
+                    log.info("write did not land, running it again: %s", _reason(cause))
+                elif verify is not None:
                     result = cast(T, exc.result)
                     try:
                         landed = await self._read(_checking(verify, result))
@@ -291,6 +312,9 @@ class SqlEngine:
             except DriverError as exc:
                 if isinstance(exc, BadValue):
                     raise InvalidInput(f"the database refused a value: {_reason(exc)}") from exc
+                if exc.sqlstate == "57014":
+                    # statement_timeout: it had its full time; more tries only add load.
+                    raise _unavailable("database timed out", exc) from exc
                 if not _transient(exc):
                     raise _unavailable("database error", exc, retryable=False) from exc
                 cause = exc
@@ -321,12 +345,12 @@ class SqlEngine:
                 try:
                     await xact.rollback()
                 except Exception:
-                    # Broken, or busy with what was interrupted: the pool replaces it.
-                    conn.terminate()
+                    _terminate(conn)
                 raise
             try:
                 await xact.commit()
             except Exception as exc:
+                _terminate(conn)
                 raise _CommitUnknown(pg_error(exc), result) from exc
             return result
 
@@ -337,9 +361,14 @@ class SqlEngine:
         idempotent: bool = False,
         verify: Verify[T] | None = None,
         on_conflict: Callable[[], Awaitable[T]] | None = None,
+        recover: Recover[T] | None = None,
     ) -> T:
         """One transaction. ``idempotent``: repeating ``op`` after an unknown commit is safe;
         ``verify``: how to tell whether such a commit landed (see ``_retrying``).
+
+        ``recover``: ``op`` writes with one statement on PostgreSQL, so it runs without
+        BEGIN and COMMIT (two round trips, a quarter of a task's cost there); after a lost
+        reply ``recover`` finds what it wrote, or None when it did not land.
 
         ``on_conflict`` answers a unique-constraint race lost to a concurrent writer;
         without it a conflict is the caller's bad input.
@@ -348,14 +377,32 @@ class SqlEngine:
         async def once() -> T:
             if self._batch is not None:
                 return await self._batch.run(op)
+            if recover is not None:
+                return await self._statement(op)
             return await self._transaction(op)
 
         try:
-            return await self._retrying(once, idempotent=idempotent, verify=verify)
+            return await self._retrying(once, idempotent=idempotent, verify=verify, recover=recover)
         except Conflict as exc:
             if on_conflict is None:
                 raise InvalidInput(f"conflicts with stored data: {_reason(exc)}") from exc
             return await on_conflict()
+
+    async def _statement(self, op: Op[T]) -> T:
+        """``op``'s one write statement, in autocommit (PostgreSQL)."""
+        pool = await self._connections()
+        async with pool.acquire(timeout=self._pool_timeout) as conn:
+            try:
+                return await op(PgDb(conn))
+            except DriverError as exc:
+                if exc.disconnected:
+                    _terminate(conn)
+                    raise _CommitUnknown(exc, None) from exc
+                raise
+            except TimeoutError as exc:
+                # The server did not answer in time: the statement may still run and commit.
+                _terminate(conn)
+                raise _CommitUnknown(exc, None) from exc
 
     async def _read(self, op: Op[T]) -> T:
         async def pooled() -> T:
@@ -377,6 +424,13 @@ class SqlEngine:
                     db.execute("COMMIT")
 
         return await self._retrying(shared if self.dialect == "sqlite" else pooled)
+
+
+def _terminate(conn: Any) -> None:
+    """Closes a broken connection (the pool replaces it), so that giving it back cannot
+    fail in turn and hide why it broke."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 async def _rollback_if_open(conn: asyncpg.Connection) -> None:

@@ -153,7 +153,10 @@ def pg_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncpg.PostgresError):
         code = exc.sqlstate or ""
         kind = Conflict if code.startswith("23") else BadValue if code.startswith("22") else None
-        return (kind or DriverError)(exc, sqlstate=code or None)
+        # Class 08 (connection exceptions) and 57P0x (the server is going away): the
+        # connection is lost, whatever the statement it carried did.
+        gone = code.startswith("08") or code.startswith("57P0")
+        return (kind or DriverError)(exc, sqlstate=code or None, disconnected=gone)
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError):
         return DriverError(exc, disconnected=True)
     return exc

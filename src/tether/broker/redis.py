@@ -5,9 +5,9 @@ Keys, under a configurable prefix (``tether`` by default):
 * ``<prefix>:queue`` — the stream of task ids, read by the consumer group ``workers``;
 * ``<prefix>:queue:dead`` — entries handed out ``max_deliveries`` times without ever
   being acknowledged (bounded with MAXLEN), for an operator to look at;
-* ``<prefix>:queued:<task id>`` — the id of the task's entry while it waits, so an
-  enqueue of a task that is already waiting adds nothing (the store's re-drive
-  enqueues every runnable task again and again).
+* ``<prefix>:queued:<task id>`` — the id of the task's latest entry, so an enqueue
+  of a task whose entry still waits (in the stream, handed to no worker yet) adds
+  nothing (the store's re-drive enqueues every runnable task again and again).
 
 An entry stays pending from its delivery until the worker has stored the task's
 outcome (``ack``); a live worker's heartbeat (``touch``) keeps resetting its idle
@@ -15,6 +15,10 @@ time. An entry idle past ``reclaim_idle`` (the lease) belonged to a worker that
 died: another worker takes it over with XAUTOCLAIM, following the cursor through
 the whole pending list, and the delivery count goes up. The lease on the task
 row decides who may run it; the entry only says that someone should try.
+
+The per-task commands (enqueue, ack) go through a ``Link``: those issued at the
+same time share one write and one round trip. The fetch loop reads on a link of
+its own, since its XREADGROUP blocks.
 """
 
 from __future__ import annotations
@@ -22,28 +26,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from tether.broker.base import Delivery
 from tether.broker.redis_client import (
     REDIS_ERRORS,
     Backoff,
+    Link,
+    Reply,
+    Script,
     autoclaim,
     connect,
     ensure_group,
     is_nogroup,
     log_outage,
     log_recovery,
+    run_scripts,
     text,
     unavailable,
 )
-from tether.core.types import new_id
+from tether.core.types import instance_id
 
 log = logging.getLogger("tether.broker")
 
@@ -51,21 +58,20 @@ GROUP = "workers"
 # A marker outlives its entry only after a crash between two steps; it then just expires.
 MARKER_TTL = 24 * 3600
 
-# Queue a task unless its previous entry is still waiting in the stream.
+# Queue a task unless its latest entry is still waiting: in the stream and not handed
+# out (pending) yet. One handed out may be queued again (a follow-up message). Asking
+# the pending list here, only when a marker exists, spares the fetch a round trip per
+# read to drop the markers of what it was handed. Without the group (a restart) the
+# entry waits for the group that will be created from id 0.
 _ENQUEUE = """
-local waiting = redis.call('GET', KEYS[2])
-if waiting and #redis.call('XRANGE', KEYS[1], waiting, waiting) > 0 then return 0 end
+local last = redis.call('GET', KEYS[2])
+if last and #redis.call('XRANGE', KEYS[1], last, last) > 0 then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[3], last, last, 1)
+  if not (ok and #p > 0) then return 0 end
+end
 local id = redis.call('XADD', KEYS[1], '*', 'task', ARGV[1])
 redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
 return 1
-"""
-
-# Handed out: no longer waiting, so the task may be queued again (a follow-up message).
-_DELIVERED = """
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
-end
-return #KEYS
 """
 
 # pcall: after a restart the group may be gone, and there is then nothing left to ack.
@@ -109,10 +115,6 @@ return n
 """
 
 
-def default_consumer() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
-
-
 class RedisBroker:
     def __init__(
         self,
@@ -130,20 +132,25 @@ class RedisBroker:
         self.stream = f"{prefix}:queue"
         self.dead_stream = f"{prefix}:queue:dead"
         self.group = GROUP
-        self.consumer = consumer or default_consumer()
+        self.consumer = consumer or instance_id()
         self.reclaim_idle = reclaim_idle
         self.max_deliveries = max_deliveries
         self._block = max(0.05, min(block, reclaim_idle / 2))
         self._reclaim_every = max(0.05, min(reclaim_idle / 3, 5.0))
         self._dead_maxlen = dead_maxlen
         self._owns_client = client is None
+        # redis-py for the rare commands (reclaim, dead letters, housekeeping).
         self.redis = client if client is not None else connect(url)
-        self._enqueue_script = self.redis.register_script(_ENQUEUE)
-        self._delivered_script = self.redis.register_script(_DELIVERED)
-        self._ack_script = self.redis.register_script(_ACK)
-        self._release_script = self.redis.register_script(_RELEASE)
-        self._dead_script = self.redis.register_script(_DEAD)
-        self._touch_script = self.redis.register_script(_TOUCH)
+        self._link = Link.of(self.redis)
+        # A connection of its own, since XREADGROUP blocks on it; and no retry: a read
+        # repeated after a lost reply would leave the first read's entries pending here
+        # unseen (they are reclaimed after the lease).
+        self._fetch_link = Link.of(self.redis, retries=0, shared=False)
+        self._enqueue_script = Script(_ENQUEUE)
+        self._ack_script = Script(_ACK)
+        self._release_script = Script(_RELEASE)
+        self._dead_script = Script(_DEAD)
+        self._touch_script = Script(_TOUCH)
         self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
         self._demand = 0
         self._wake = asyncio.Event()
@@ -170,8 +177,8 @@ class RedisBroker:
 
     async def close(self) -> None:
         if self._fetcher is not None:
-            # The fetch loop ends after its current read (at most ``block``); it is cancelled
-            # only if it does not: a command cut in half can leave its connection stuck.
+            # The fetch loop ends after its current read (at most ``block``); it is
+            # cancelled only if it does not.
             self._closing = True
             self._wake.set()
             done, _ = await asyncio.wait({self._fetcher}, timeout=self._block + 5.0)
@@ -182,16 +189,24 @@ class RedisBroker:
         while not self._ready.empty():
             with contextlib.suppress(Exception):
                 await self.release(self._ready.get_nowait())
+        await self._fetch_link.close()
+        await self._link.close()
         if self._owns_client:
             await self.redis.aclose()
 
     # -- producing -------------------------------------------------------------
 
+    def _enqueue_call(self, task_id: str) -> tuple[Script, list[str], list[str | int]]:
+        return (
+            self._enqueue_script,
+            [self.stream, self._marker(task_id)],
+            [task_id, MARKER_TTL, self.group],
+        )
+
     async def enqueue(self, task_id: str) -> None:
+        script, keys, args = self._enqueue_call(task_id)
         try:
-            await self._enqueue_script(
-                keys=[self.stream, self._marker(task_id)], args=[task_id, MARKER_TTL]
-            )
+            await script(self._link, keys, args)
         except REDIS_ERRORS as exc:
             raise unavailable("enqueue", exc) from exc
 
@@ -199,16 +214,10 @@ class RedisBroker:
         if not task_ids:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for task_id in task_ids:
-                    await self._enqueue_script(
-                        keys=[self.stream, self._marker(task_id)],
-                        args=[task_id, MARKER_TTL],
-                        client=pipe,
-                    )
-                await pipe.execute()
+            replies = await run_scripts(self._link, [self._enqueue_call(t) for t in task_ids])
         except REDIS_ERRORS as exc:
             raise unavailable("enqueue", exc) from exc
+        _raise_first_error("enqueue", replies)
 
     # -- consuming -------------------------------------------------------------
 
@@ -223,8 +232,9 @@ class RedisBroker:
     async def ack(self, delivery: Delivery) -> None:
         try:
             await self._ack_script(
-                keys=[self.stream, self._marker(delivery.task_id)],
-                args=[self.group, delivery.entry_id],
+                self._link,
+                [self.stream, self._marker(delivery.task_id)],
+                [self.group, delivery.entry_id],
             )
         except REDIS_ERRORS as exc:
             raise unavailable("ack", exc) from exc
@@ -232,8 +242,9 @@ class RedisBroker:
     async def release(self, delivery: Delivery) -> None:
         try:
             await self._release_script(
-                keys=[self.stream, self._marker(delivery.task_id)],
-                args=[self.group, delivery.entry_id, delivery.task_id, MARKER_TTL],
+                self._link,
+                [self.stream, self._marker(delivery.task_id)],
+                [self.group, delivery.entry_id, delivery.task_id, MARKER_TTL],
             )
         except REDIS_ERRORS as exc:
             raise unavailable("release", exc) from exc
@@ -243,8 +254,9 @@ class RedisBroker:
             return
         try:
             await self._touch_script(
-                keys=[self.stream],
-                args=[self.group, self.consumer, *(d.entry_id for d in deliveries)],
+                self._link,
+                [self.stream],
+                [self.group, self.consumer, *(d.entry_id for d in deliveries)],
             )
         except REDIS_ERRORS as exc:
             raise unavailable("heartbeat", exc) from exc
@@ -302,23 +314,22 @@ class RedisBroker:
                 await self._forget_dead_consumers()
             if got:
                 return got
-        reply: Any = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {self.stream: ">"},
-            count=want,
-            block=max(1, int(min(self._block, self._next_reclaim - now) * 1000)),
-        )
-        entries = [entry for _, stream_entries in reply or [] for entry in stream_entries]
-        deliveries = [
-            d for d in [await self._parse(entry, 1) for entry in entries] if d is not None
-        ]
-        if deliveries:
-            await self._delivered_script(
-                keys=[self._marker(d.task_id) for d in deliveries],
-                args=[d.entry_id for d in deliveries],
-            )
-        return deliveries
+        block = max(0.001, min(self._block, self._next_reclaim - now))
+        # COUNT is the demand, so one read takes a whole burst; BLOCK returns as soon as
+        # an entry arrives, the bound only brings the next reclaim round in time.
+        reply: Reply = await self._fetch_link.call(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", want,
+            "BLOCK", max(1, int(block * 1000)), "STREAMS", self.stream, ">",
+            reply_within=block + self._fetch_link.endpoint.read_timeout,
+        )  # fmt: skip
+        out = []
+        for _, entries in reply or []:
+            for entry_id, flat in entries:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                delivery = await self._parse((entry_id, fields), 1)
+                if delivery is not None:
+                    out.append(delivery)
+        return out
 
     async def _reclaim(self, want: int) -> list[Delivery]:
         """Take over entries idle past the lease: their worker died or hung."""
@@ -359,8 +370,9 @@ class RedisBroker:
     async def _dead_letter(self, entry_id: str, task_id: str, deliveries: int, why: str) -> None:
         log.warning("dead-lettering queue entry %s of task %s: %s", entry_id, task_id, why)
         await self._dead_script(
-            keys=[self.stream, self._marker(task_id), self.dead_stream],
-            args=[self.group, entry_id, task_id, deliveries, why, self._dead_maxlen],
+            self._link,
+            [self.stream, self._marker(task_id), self.dead_stream],
+            [self.group, entry_id, task_id, deliveries, why, self._dead_maxlen],
         )
         self.dead_lettered += 1
 
@@ -370,3 +382,9 @@ class RedisBroker:
             name = text(info["name"])
             if name != self.consumer and not info["pending"] and info["idle"] > 3_600_000:
                 await self.redis.xgroup_delconsumer(self.stream, self.group, name)
+
+
+def _raise_first_error(what: str, replies: list[Reply]) -> None:
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise unavailable(what, reply)

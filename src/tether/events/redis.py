@@ -4,9 +4,18 @@ Every published event is written to ``<prefix>:events:<task id>`` with the entry
 id ``<seq>-0`` (so the stream holds each sequence number at most once and can
 be read from any ``Last-Event-ID``), trimmed to about ``maxlen`` entries and
 expiring ``ttl`` seconds after the task's last event. The same event goes out
-on the task's pub/sub channel, which carries it live to every API replica with
-a subscriber; a replica that (re)subscribes first reads the stream's tail, so
-an event published while it was subscribing is not missed.
+on the task's pub/sub channel, ``<prefix>:<db>:events:<task id>``.
+
+A process with subscribers listens to every task's channel with one pattern
+subscription, made when its first subscriber comes and kept from then on: opening
+or closing a subscription then costs no Redis command, and a subscription opened
+while the pattern is confirmed is live at once (every event published from then on
+reaches it). Only while the pattern is not confirmed yet (the first subscriber, or
+after a reconnect) are events held back, the stream's tail read, and the two handed
+over in order, so an event published meanwhile is not missed. The price: every
+process with subscribers hears every task's events (its subscribers' and the
+others'); those of tasks it has no subscriber for are dropped by channel name,
+unparsed. Worker processes subscribe to no task and hear none.
 
 Redis is a fast path, never the record: the store's event log is. Publishing
 does not wait for Redis (a background task pipelines the writes, and keeps the
@@ -18,6 +27,10 @@ stream cannot prove it holds every event asked for.
 Cancels cross processes on ``<prefix>:cancel``: a canceled final event is also
 published there, and ``on_final`` listeners (the worker runtime) hear those from
 every process, besides every final event published by their own.
+
+The writes and reads go through a ``Link`` and the subscriptions through a
+connection of the bus's own (see ``broker/redis_client.py``): pub/sub messages are
+parsed by hiredis as they arrive and handed to the subscribers on the spot.
 """
 
 from __future__ import annotations
@@ -26,28 +39,37 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import secrets
+import time
 from collections import deque
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
 
 from tether.broker.redis_client import (
     REDIS_ERRORS,
     Backoff,
+    Link,
+    Reply,
+    Wire,
     connect,
     database,
     log_outage,
     log_recovery,
+    open_wire,
+    pack,
 )
 from tether.core.states import TaskState
-from tether.core.types import TaskEvent, new_id
+from tether.core.types import TaskEvent
 from tether.events.base import Listener
 
 log = logging.getLogger("tether.events")
 
 _BATCH = 256
+# A quiet pub/sub connection is pinged this often, so a dead one is noticed.
+_HEALTH_EVERY = 15.0
 
 
 def _encode(event: TaskEvent, origin: str) -> bytes:
@@ -80,11 +102,36 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _glob_escape(name: str) -> str:
+    """``name`` matched literally in a PSUBSCRIBE pattern."""
+    for special in "\\*?[]":
+        name = name.replace(special, "\\" + special)
+    return name
+
+
+def _entry_event(flat: Any) -> TaskEvent | None:
+    """The event of a stream entry's flat field list (``[b"e", data]``), if it holds one."""
+    if not isinstance(flat, list):
+        return None
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == b"e":
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                return _decode(flat[i + 1])[0]
+    return None
+
+
+def _fire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class RedisSubscription:
     def __init__(self, bus: RedisEventBus, task_id: str, limit: int) -> None:
         self._bus = bus
         self.task_id = task_id
-        self._queue: asyncio.Queue[TaskEvent] = asyncio.Queue(limit)
+        self._limit = limit
+        self._events: deque[TaskEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._overflowed = False
         self._closed = False
         self._last = 0  # highest seq handed over: the same event comes from several paths
@@ -92,17 +139,17 @@ class RedisSubscription:
     def _offer(self, event: TaskEvent) -> None:
         if self._overflowed or self._closed or event.seq <= self._last:
             return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self._events) >= self._limit:
             # Cut a reader this slow off and free what it holds; it resumes from the
             # store by sequence number.
             self._overflowed = True
-            while not self._queue.empty():
-                self._queue.get_nowait()
+            self._events.clear()
             self.close()
-            return
-        self._last = event.seq
+        else:
+            self._events.append(event)
+            self._last = event.seq
+        if self._waiter is not None:
+            _fire(self._waiter)
 
     @property
     def overflowed(self) -> bool:
@@ -111,33 +158,44 @@ class RedisSubscription:
     async def get(self, wait: float) -> TaskEvent | None:
         if self._overflowed:
             return None
-        if not self._queue.empty():
-            return self._queue.get_nowait()
+        if self._events:
+            return self._events.popleft()
         if self._closed or wait <= 0:
             return None
+        loop = asyncio.get_running_loop()
+        # A future and a timer: cheaper than a queue under ``asyncio.timeout``, and
+        # this runs for every event of every blocking send.
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(wait, _fire, waiter)
         try:
-            async with asyncio.timeout(wait):
-                return await self._queue.get()
-        except TimeoutError:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if self._overflowed or not self._events:
             return None
+        return self._events.popleft()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._bus._drop(self)
+            if self._waiter is not None:
+                _fire(self._waiter)
 
 
 class _Channel:
-    """The local subscribers of one task, and the state of its pub/sub subscription."""
+    """The local subscribers of one task, and whether its events are live yet."""
 
     __slots__ = ("held", "limit", "live", "subs")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, live: bool) -> None:
         self.limit = limit
         self.subs: set[RedisSubscription] = set()
-        # False from a (re)subscription until the stream's tail is read: live events
-        # wait in ``held`` meanwhile, so they are handed over in sequence order.
-        self.live = False
+        # False until the stream's tail is read after the pattern subscription was
+        # (re)confirmed: live events wait in ``held`` meanwhile, so they are handed
+        # over in sequence order.
+        self.live = live
         self.held: list[TaskEvent] = []
 
     def offer(self, event: TaskEvent) -> None:
@@ -165,26 +223,38 @@ class RedisEventBus:
     ) -> None:
         self._owns_client = client is None
         self.redis = client if client is not None else connect(url)
+        self._link = Link.of(self.redis)
         self.prefix = prefix
         # Pub/sub channels ignore SELECT: name the database so deployments sharing a
         # server on different databases do not hear each other.
         self._chan = f"{prefix}:{database(self.redis)}"
         self.cancel_channel = f"{self._chan}:cancel"
         self._control = f"{self._chan}:control"
+        self._events_head = f"{self._chan}:events:".encode()
+        self._pattern = _glob_escape(f"{self._chan}:events:") + "*"
+        self._cancel_b = self.cancel_channel.encode()
         self.maxlen = maxlen
         self.ttl_ms = max(1, int(ttl * 1000))
         self._limit = subscriber_limit
         self._catch_up_count = catch_up
-        self.origin = new_id()[:12]
+        # Random, not a prefix of ``new_id()``: ids are time-ordered, so two buses
+        # started in the same millisecond would share their first characters.
+        self.origin = secrets.token_hex(6)
         self._channels: dict[str, _Channel] = {}
         self._listeners: list[Listener] = []
         self._out: deque[TaskEvent] = deque(maxlen=buffer_limit)
         self._out_ready = asyncio.Event()
         self._dropped = 0
-        self._want_changed = asyncio.Event()
+        # Wakes the listen loop: what to subscribe to changed, a cancel was heard from
+        # another process, the connection was lost, or the bus is closing.
+        self._listen_wake = asyncio.Event()
+        self._want_changed = False
+        self._want_pattern = False
+        # The pattern subscription is confirmed on the current pub/sub connection.
+        self._pattern_live = False
+        self._heard: deque[TaskEvent] = deque()
+        self._last_heard = 0.0
         self._catching_up: set[str] = set()
-        # Channels Redis confirmed this connection is subscribed to.
-        self._confirmed: set[str] = set()
         self._catch_up_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -194,10 +264,6 @@ class RedisEventBus:
 
     def _channel_name(self, task_id: str) -> str:
         return f"{self._chan}:events:{task_id}"
-
-    def _task_of(self, channel: str) -> str | None:
-        head = f"{self._chan}:events:"
-        return channel[len(head) :] if channel.startswith(head) else None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -213,10 +279,10 @@ class RedisEventBus:
         """Flush what is buffered (for ``flush_timeout`` at most) and stop.
 
         The loops end by themselves between two Redis calls; one is cancelled only if it
-        does not, since a command cut in half can leave its connection stuck.
+        does not.
         """
         self._closing = True
-        for wake in (self._out_ready, self._want_changed, self._catch_up_ready):
+        for wake in (self._out_ready, self._listen_wake, self._catch_up_ready):
             wake.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=flush_timeout + 2.0)
@@ -226,6 +292,7 @@ class RedisEventBus:
                 await asyncio.wait(pending, timeout=2.0)
         self._tasks = []
         self._channels.clear()
+        await self._link.close()
         if self._owns_client:
             await self.redis.aclose()
 
@@ -283,19 +350,19 @@ class RedisEventBus:
                 self._dropped = 0
 
     async def _write(self, batch: list[TaskEvent]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event in batch:
-                data = _encode(event, self.origin)
-                key = self.stream_key(event.task_id)
-                # The seq as entry id: a second copy of an event is refused by Redis.
-                pipe.xadd(key, {"e": data}, id=f"{event.seq}-0", maxlen=self.maxlen)
-                pipe.pexpire(key, self.ttl_ms)
-                pipe.publish(self._channel_name(event.task_id), data)
-                if _canceled(event):
-                    pipe.publish(self.cancel_channel, data)
-            # raise_on_error=False: a refused duplicate or out-of-order XADD must not stop
-            # the rest of the batch; connection errors still raise.
-            await pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = []
+        for event in batch:
+            data = _encode(event, self.origin)
+            key = self.stream_key(event.task_id)
+            # The seq as entry id: a second copy of an event is refused by Redis.
+            commands.append(("XADD", key, "MAXLEN", "~", self.maxlen, f"{event.seq}-0", "e", data))
+            commands.append(("PEXPIRE", key, self.ttl_ms))
+            commands.append(("PUBLISH", self._channel_name(event.task_id), data))
+            if _canceled(event):
+                commands.append(("PUBLISH", self.cancel_channel, data))
+        # Error replies (a refused duplicate or out-of-order XADD) must not stop the rest
+        # of the batch; they come back as values. A lost connection raises.
+        await self._link.calls(commands)
 
     # -- replay ----------------------------------------------------------------------
 
@@ -306,16 +373,19 @@ class RedisEventBus:
         or was trimmed past ``after_seq``, or a sequence number is missing.
         """
         try:
-            rows: Any = await self.redis.xrange(self.stream_key(task_id), min=f"{after_seq + 1}-0")
+            rows: Reply = await self._link.call(
+                "XRANGE", self.stream_key(task_id), f"{after_seq + 1}-0", "+"
+            )
         except REDIS_ERRORS:
             return None
         events = []
         expected = after_seq + 1
-        for entry_id, fields in rows:
+        for entry_id, flat in rows or []:
             seq = int(_text(entry_id).split("-", 1)[0])
-            if seq != expected or b"e" not in fields:
+            event = _entry_event(flat)
+            if seq != expected or event is None:
                 return None
-            events.append(_decode(fields[b"e"])[0])
+            events.append(event)
             expected += 1
         return events or None
 
@@ -325,19 +395,20 @@ class RedisEventBus:
         sub = RedisSubscription(self, task_id, self._limit)
         channel = self._channels.get(task_id)
         if channel is None:
-            channel = self._channels[task_id] = _Channel(self._limit)
-            if self._channel_name(task_id) in self._confirmed:
-                # Still subscribed (its last subscriber just left, the UNSUBSCRIBE not
-                # sent): no confirmation will come, so read the stream's tail now.
-                self._catching_up.add(task_id)
-                self._catch_up_ready.set()
-            self._want_changed.set()
+            # Live at once when the pattern is confirmed: every event published from now
+            # on reaches this connection after the confirmation did.
+            channel = self._channels[task_id] = _Channel(self._limit, self._pattern_live)
+            if not self._want_pattern:
+                self._want_pattern = True
+                self._want_changed = True
+                self._listen_wake.set()
         channel.subs.add(sub)
         return sub
 
     def on_final(self, listener: Listener) -> None:
         self._listeners.append(listener)
-        self._want_changed.set()
+        self._want_changed = True
+        self._listen_wake.set()
 
     def _drop(self, sub: RedisSubscription) -> None:
         channel = self._channels.get(sub.task_id)
@@ -345,110 +416,108 @@ class RedisEventBus:
             channel.subs.discard(sub)
             if not channel.subs:
                 del self._channels[sub.task_id]
-                self._want_changed.set()
 
-    def _wanted(self) -> set[str]:
-        names = {self._control, *(self._channel_name(t) for t in self._channels)}
+    def _wanted(self) -> set[tuple[str, str]]:
+        names = {("SUBSCRIBE", self._control)}
         if self._listeners:
-            names.add(self.cancel_channel)
+            names.add(("SUBSCRIBE", self.cancel_channel))
+        if self._want_pattern:
+            names.add(("PSUBSCRIBE", self._pattern))
         return names
+
+    def _sync(self, wire: Wire, have: set[tuple[str, str]]) -> None:
+        want = self._wanted()
+        for command, name in sorted(want - have):
+            wire.write(pack((command, name)))
+        have |= want
 
     async def _listen_loop(self) -> None:
         """One pub/sub connection for the process; rebuilt from scratch after any error."""
         backoff = Backoff()
         while not self._closing:
-            pubsub = self.redis.pubsub()
-            tasks: list[asyncio.Task[None]] = []
+            wire: Wire | None = None
             try:
-                have: set[str] = set()
-                # Subscribed before reading: a pub/sub connection without channels cannot read.
-                await self._sync(pubsub, have)
-                tasks = [
-                    asyncio.create_task(self._read_loop(pubsub, backoff)),
-                    asyncio.create_task(self._command_loop(pubsub, have)),
-                ]
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            except REDIS_ERRORS as exc:
+                wire = await open_wire(self._link.endpoint, self._on_push, self._listen_wake.set)
+                have: set[tuple[str, str]] = set()
+                self._want_changed = False
+                # Subscribed before anything else: a pub/sub connection without channels
+                # would read nothing, not even the health check's answer.
+                self._sync(wire, have)
+                self._last_heard = time.monotonic()
+                pinged = 0.0
+                while not self._closing:
+                    if wire.closed.is_set():
+                        raise wire.error or ConnectionError("pub/sub connection lost")
+                    while self._heard:
+                        await self._tell_listeners(self._heard.popleft())
+                    if self._want_changed:
+                        self._want_changed = False
+                        self._sync(wire, have)
+                    now = time.monotonic()
+                    if now - self._last_heard >= _HEALTH_EVERY and pinged <= self._last_heard:
+                        pinged = now
+                        wire.write(pack(("PING",)))
+                    elif pinged > self._last_heard and now - pinged > wire.timeout:
+                        raise TimeoutError("pub/sub connection: no answer to PING")
+                    self._listen_wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self._listen_wake.wait()
+            except REDIS_ERRORS as exc:  # TimeoutError and ConnectionError are OSErrors
                 log_outage(log, backoff, "event subscriber", exc)
             except Exception:
                 log.exception("event subscriber failed; reconnecting")
             finally:
-                if self._closing and tasks:
-                    # On the way out the reader ends after its current read: let it.
-                    await asyncio.wait(tasks, timeout=2.0)
-                for task in tasks:
-                    task.cancel()
-                if tasks:
-                    await asyncio.wait(tasks, timeout=2.0)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if wire is not None:
+                    wire.close()
+                # Every channel starts over: its events are read again from the stream.
+                self._pattern_live = False
+                for channel in self._channels.values():
+                    channel.live = False
             if self._closing:
                 return
-            # Every channel starts over: its events are read again from the stream.
-            self._confirmed.clear()
-            for channel in self._channels.values():
-                channel.live = False
             await backoff.wait()
 
-    async def _read_loop(self, pubsub: PubSub, backoff: Backoff) -> None:
-        while not self._closing:
-            # A bounded wait: ``close`` is noticed, and the client's health-check PING runs
-            # on a quiet connection.
-            message = await pubsub.get_message(timeout=1.0)
-            if message is not None:
-                log_recovery(log, backoff, "event subscriber")
-                await self._on_message(message)
-
-    async def _command_loop(self, pubsub: PubSub, have: set[str]) -> None:
-        while not self._closing:
-            await self._want_changed.wait()
-            self._want_changed.clear()
-            if not self._closing:
-                await self._sync(pubsub, have)
-
-    async def _sync(self, pubsub: PubSub, have: set[str]) -> None:
-        want = self._wanted()
-        add, remove = want - have, have - want
-        if add:
-            await pubsub.subscribe(*sorted(add))
-            have |= add
-        if remove:
-            await pubsub.unsubscribe(*sorted(remove))
-            have -= remove
-
-    async def _on_message(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        name = _text(message.get("channel"))
-        if kind == "unsubscribe":
-            self._confirmed.discard(name)
+    def _on_push(self, reply: Reply) -> None:
+        """A pub/sub message, as it arrives (synchronously, in arrival order)."""
+        self._last_heard = time.monotonic()
+        if not isinstance(reply, list) or not reply:
             return
-        if kind == "subscribe":
-            self._confirmed.add(name)
-            # A new channel, or redis-py's own resubscription after a reconnect: either
-            # way events may have gone by unheard, and the stream has them.
-            task_id = self._task_of(name)
-            channel = self._channels.get(task_id) if task_id is not None else None
-            if task_id is not None and channel is not None:
-                channel.live = False
-                self._catching_up.add(task_id)
-                self._catch_up_ready.set()
-            return
-        if kind != "message":
-            return
-        try:
-            event, origin = _decode(message["data"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("ignoring a malformed event on %s", name)
-            return
-        if name == self.cancel_channel:
-            if origin != self.origin:
-                await self._tell_listeners(event)
-            return
-        channel = self._channels.get(event.task_id)
-        if channel is not None:
+        kind = reply[0]
+        if kind == b"pmessage" and len(reply) == 4:
+            name: bytes = reply[2]
+            if not name.startswith(self._events_head):
+                return
+            # Dropped unparsed unless this process has a subscriber to the task.
+            channel = self._channels.get(name[len(self._events_head) :].decode())
+            if channel is None:
+                return
+            try:
+                event, _ = _decode(reply[3])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("ignoring a malformed event on %s", _text(name))
+                return
             channel.offer(event)
+        elif kind == b"message" and len(reply) == 3:
+            if reply[1] != self._cancel_b:
+                return
+            try:
+                event, origin = _decode(reply[2])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("ignoring a malformed event on %s", self.cancel_channel)
+                return
+            if origin != self.origin:
+                # Listeners may wait: the listen loop calls them.
+                self._heard.append(event)
+                self._listen_wake.set()
+        elif kind == b"psubscribe":
+            self._pattern_live = True
+            # Events of channels opened before now may have gone by unheard: the
+            # stream has them.
+            stale = [task for task, channel in self._channels.items() if not channel.live]
+            if stale:
+                self._catching_up.update(stale)
+                self._catch_up_ready.set()
 
     async def _catch_up_loop(self) -> None:
         while not self._closing:
@@ -456,28 +525,37 @@ class RedisEventBus:
             self._catch_up_ready.clear()
             while self._catching_up and not self._closing:
                 batch = [self._catching_up.pop() for _ in range(min(100, len(self._catching_up)))]
-                tails: list[Any]
+                tails: list[Reply]
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for task_id in batch:
-                            pipe.xrevrange(self.stream_key(task_id), count=self._catch_up_count)
-                        tails = await pipe.execute()
+                    tails = await self._link.calls(
+                        [
+                            (
+                                "XREVRANGE",
+                                self.stream_key(t),
+                                "+",
+                                "-",
+                                "COUNT",
+                                self._catch_up_count,
+                            )
+                            for t in batch
+                        ]
+                    )
                 except REDIS_ERRORS:
                     # Hand over what was heard; the store fills any gap by sequence number.
                     tails = [[] for _ in batch]
                 for task_id, tail in zip(batch, tails, strict=True):
-                    self._go_live(task_id, tail)
+                    self._go_live(task_id, [] if isinstance(tail, ResponseError) else tail)
 
     def _go_live(self, task_id: str, tail: list[Any]) -> None:
         channel = self._channels.get(task_id)
-        if channel is None:
+        if channel is None or not self._pattern_live:
+            # Gone, or the connection dropped meanwhile: the next confirmation catches up.
             return
         events = {e.seq: e for e in channel.held}
-        for _, fields in tail:
-            if b"e" in fields:
-                with contextlib.suppress(orjson.JSONDecodeError, KeyError, ValueError):
-                    event = _decode(fields[b"e"])[0]
-                    events.setdefault(event.seq, event)
+        for _, flat in tail or []:
+            event = _entry_event(flat)
+            if event is not None:
+                events.setdefault(event.seq, event)
         channel.held = []
         channel.live = True
         for seq in sorted(events):

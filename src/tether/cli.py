@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -171,7 +172,9 @@ def worker(
         shutdown_grace=shutdown_grace,
     )
     try:
-        asyncio.run(run_worker(agent, settings))
+        # uvloop, as `serve` gets through uvicorn: its socket writes cost a fraction of
+        # the default loop's, and a worker is mostly socket writes.
+        uvloop.run(run_worker(agent, settings))
     except TetherError as exc:
         console.print(f"[red]tether worker: {exc.message}[/red]")
         raise typer.Exit(2) from None

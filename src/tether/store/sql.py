@@ -326,16 +326,7 @@ class SqlStore(SqlEngine):
                 ctx_owner = await db.first(q.CONTEXT_OWNER, {"id": ctx})
                 if ctx_owner is None or ctx_owner[0] != owner:
                     raise ContextMismatch(f"contextId {ctx} belongs to another principal")
-            task = TaskRecord(
-                id=task_id,
-                context_id=ctx,
-                owner=owner,
-                state=TaskState.SUBMITTED,
-                status_ts=ts,
-                created_at=ts,
-                metadata=metadata,
-                last_seq=1,
-            )
+            task = _submitted(task_id, ctx, owner, metadata, ts)
             await db.run(
                 q.INSERT_TASK,
                 {
@@ -385,16 +376,7 @@ class SqlStore(SqlEngine):
         db: Db, task_id: str, ctx: str, owner: str, message: JSON, metadata: JSON | None, ts: float
     ) -> Submitted:
         """A new task in a new context, as one statement."""
-        task = TaskRecord(
-            id=task_id,
-            context_id=ctx,
-            owner=owner,
-            state=TaskState.SUBMITTED,
-            status_ts=ts,
-            created_at=ts,
-            metadata=metadata,
-            last_seq=1,
-        )
+        task = _submitted(task_id, ctx, owner, metadata, ts)
         stored = stamp(message, task_id, ctx)
         task.history = [stored]
         payload = status_payload(task_id, ctx, task.state, None, ts)
@@ -872,6 +854,22 @@ def _operation(row: Sequence[Any]) -> Operation:
         result=loads(row[3]),
         error=row[4],
         deadline=row[5],
+    )
+
+
+def _submitted(
+    task_id: str, context_id: str, owner: str, metadata: JSON | None, ts: float
+) -> TaskRecord:
+    """A task as its submit stores it (history and event added by the caller)."""
+    return TaskRecord(
+        id=task_id,
+        context_id=context_id,
+        owner=owner,
+        state=TaskState.SUBMITTED,
+        status_ts=ts,
+        created_at=ts,
+        metadata=metadata,
+        last_seq=1,
     )
 
 

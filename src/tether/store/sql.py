@@ -4,14 +4,14 @@ Each state change is one ``UPDATE tasks ... WHERE id = :id AND state IN (...)
 [AND lease_owner = :me] RETURNING last_seq``; the bumped ``last_seq`` is the
 event's sequence number, so the row lock that serialises writers also makes
 the per-task sequence gap-free. The event row (and any message) is written in
-the same transaction.
+the same transaction; on PostgreSQL the hot writes are one statement each
+(``queries.PG_*``), run without BEGIN/COMMIT.
 
-Database errors are translated here, once: transient ones (a dropped
-connection, 40001, 40P01, 57P0x, SQLite's "database is locked") are retried with
-bounded, jittered backoff and then surface as ``StoreUnavailable``; a value the
-database refuses becomes ``InvalidInput``. A connection lost while COMMIT was in
-flight leaves the outcome unknown: the store then reads back whether the write
-landed (the event it wrote, at its sequence number, or the lease it took) and
+The SQL is in ``queries``, run by ``sql_exec``; transactions, retries and the
+translation of database errors are ``sql_engine``'s. A connection lost while a
+write's COMMIT (or its one statement) was in flight leaves the outcome unknown:
+the store then reads back whether the write landed (the event it wrote, at its
+sequence number or stamped with its own clock reading, or the lease it took) and
 answers or retries accordingly, so a lost acknowledgement never duplicates an
 event; a write it cannot check raises ``StoreUnavailable``.
 """

@@ -416,6 +416,8 @@ class SqlEngine:
             # One read transaction: the op's statements see one snapshot, and SQLite
             # takes its WAL read lock once instead of once per statement. Calls on
             # sqlite3 never yield to the loop, so two reads never share it.
+            if db.conn.in_transaction:
+                db.execute("ROLLBACK")  # left open by a read whose COMMIT failed
             db.execute("BEGIN")
             try:
                 return await op(db)

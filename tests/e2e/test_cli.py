@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -89,3 +90,24 @@ def test_bad_target_is_a_clear_usage_error(target: str, complaint: str) -> None:
     output = " ".join((done.stdout + done.stderr).replace("│", " ").split())
     assert complaint in output, output
     assert "Traceback" not in output
+
+
+async def test_tasks_ls_reads_the_store_of_a_running_server(
+    tether_server: ServerFactory,
+) -> None:
+    server = tether_server("tests.e2e.agents:agent")
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+        task = await send(http, server.url, "echo listed")
+    assert server.db is not None
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [str(TETHER), "tasks", "ls", "--db", str(server.db)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert task["id"] in done.stdout
+    assert "1 task(s)" in done.stdout

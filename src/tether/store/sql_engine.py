@@ -135,14 +135,24 @@ class SqlEngine:
             from tether.store.migrate import upgrade_url
 
             await self._retrying(lambda: upgrade_url(self.url, self._command_timeout))
-        if self.dialect == "sqlite":
-            # One connection writes (all writes share its commits), one reads.
-            writer = self._sqlite()
+
+    # SQLite: one connection writes (all writes share its commits), one reads. Both are
+    # opened on first use, like PostgreSQL's pool, so a tool may read a store it did not
+    # start (``tether tasks ls`` beside a running server).
+
+    def _writer(self) -> GroupCommit:
+        if self._batch is None:
+            conn = self._sqlite()
             # Twice the default page cache for the writer: it keeps the indexes' right
             # edges, where every insert lands, without growing the process much.
-            writer.execute("PRAGMA cache_size=-4096")
-            self._batch = GroupCommit(SqliteDb(writer))
+            conn.execute("PRAGMA cache_size=-4096")
+            self._batch = GroupCommit(SqliteDb(conn))
+        return self._batch
+
+    def _reading(self) -> SqliteDb:
+        if self._reader is None:
             self._reader = SqliteDb(self._sqlite())
+        return self._reader
 
     async def close(self) -> None:
         if self._batch is not None:
@@ -375,8 +385,8 @@ class SqlEngine:
         """
 
         async def once() -> T:
-            if self._batch is not None:
-                return await self._batch.run(op)
+            if self.dialect == "sqlite":
+                return await self._writer().run(op)
             if recover is not None:
                 return await self._statement(op)
             return await self._transaction(op)
@@ -411,8 +421,7 @@ class SqlEngine:
                 return await op(PgDb(conn))
 
         async def shared() -> T:
-            db = self._reader
-            assert db is not None, "the store is not started"
+            db = self._reading()
             # One read transaction: the op's statements see one snapshot, and SQLite
             # takes its WAL read lock once instead of once per statement. Calls on
             # sqlite3 never yield to the loop, so two reads never share it.

@@ -64,6 +64,7 @@ from tether.broker.redis_client import (
 from tether.core.states import TaskState
 from tether.core.types import TaskEvent
 from tether.events.base import Listener
+from tether.events.buffer import BufferedSubscription
 
 log = logging.getLogger("tether.events")
 
@@ -120,70 +121,6 @@ def _entry_event(flat: Any) -> TaskEvent | None:
     return None
 
 
-def _fire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-class RedisSubscription:
-    def __init__(self, bus: RedisEventBus, task_id: str, limit: int) -> None:
-        self._bus = bus
-        self.task_id = task_id
-        self._limit = limit
-        self._events: deque[TaskEvent] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._overflowed = False
-        self._closed = False
-        self._last = 0  # highest seq handed over: the same event comes from several paths
-
-    def _offer(self, event: TaskEvent) -> None:
-        if self._overflowed or self._closed or event.seq <= self._last:
-            return
-        if len(self._events) >= self._limit:
-            # Cut a reader this slow off and free what it holds; it resumes from the
-            # store by sequence number.
-            self._overflowed = True
-            self._events.clear()
-            self.close()
-        else:
-            self._events.append(event)
-            self._last = event.seq
-        if self._waiter is not None:
-            _fire(self._waiter)
-
-    @property
-    def overflowed(self) -> bool:
-        return self._overflowed
-
-    async def get(self, wait: float) -> TaskEvent | None:
-        if self._overflowed:
-            return None
-        if self._events:
-            return self._events.popleft()
-        if self._closed or wait <= 0:
-            return None
-        loop = asyncio.get_running_loop()
-        # A future and a timer: cheaper than a queue under ``asyncio.timeout``, and
-        # this runs for every event of every blocking send.
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(wait, _fire, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-        if self._overflowed or not self._events:
-            return None
-        return self._events.popleft()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._bus._drop(self)
-            if self._waiter is not None:
-                _fire(self._waiter)
-
-
 class _Channel:
     """The local subscribers of one task, and whether its events are live yet."""
 
@@ -191,7 +128,7 @@ class _Channel:
 
     def __init__(self, limit: int, live: bool) -> None:
         self.limit = limit
-        self.subs: set[RedisSubscription] = set()
+        self.subs: set[BufferedSubscription] = set()
         # False until the stream's tail is read after the pattern subscription was
         # (re)confirmed: live events wait in ``held`` meanwhile, so they are handed
         # over in sequence order.
@@ -391,8 +328,9 @@ class RedisEventBus:
 
     # -- subscribing -------------------------------------------------------------------
 
-    def subscribe(self, task_id: str) -> RedisSubscription:
-        sub = RedisSubscription(self, task_id, self._limit)
+    def subscribe(self, task_id: str) -> BufferedSubscription:
+        # The same event may come live and from the stream's tail: handed over once.
+        sub = BufferedSubscription(task_id, self._limit, self._drop, dedupe=True)
         channel = self._channels.get(task_id)
         if channel is None:
             # Live at once when the pattern is confirmed: every event published from now
@@ -410,7 +348,7 @@ class RedisEventBus:
         self._want_changed = True
         self._listen_wake.set()
 
-    def _drop(self, sub: RedisSubscription) -> None:
+    def _drop(self, sub: BufferedSubscription) -> None:
         channel = self._channels.get(sub.task_id)
         if channel is not None:
             channel.subs.discard(sub)

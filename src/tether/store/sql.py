@@ -345,25 +345,20 @@ class SqlStore(SqlEngine):
             event = await self._event(db, task.id, 1, "status", payload, False)
             return Submitted(task, True, event)
 
+        async def stored(db: Db) -> Submitted | None:
+            """What the messageId points at, if anything (a commit of ours of unknown
+            outcome that landed counts as ours)."""
+            seen = await self._seen(db, owner, message["messageId"])
+            if seen is None:
+                return None
+            return await self._existing(db, owner, seen, mine=seen == task_id)
+
         async def raced() -> Submitted:
             """The messageId was used before, or a commit of ours of unknown outcome landed."""
-
-            async def existing(db: Db) -> Submitted:
-                seen = await self._seen(db, owner, message["messageId"])
-                if seen is None:
-                    raise InvalidInput(f"messageId {message['messageId']} conflicts")
-                return await self._existing(db, owner, seen, mine=seen == task_id)
-
-            return await self._read(existing)
-
-        async def stored(db: Db) -> Submitted | None:
-            """After a lost reply: what the messageId points at, if anything."""
-            seen = await self._seen(db, owner, message["messageId"])
-            return (
-                None
-                if seen is None
-                else await self._existing(db, owner, seen, mine=seen == task_id)
-            )
+            found = await self._read(stored)
+            if found is None:
+                raise InvalidInput(f"messageId {message['messageId']} conflicts")
+            return found
 
         # A new context's first message is one statement on PostgreSQL.
         single = context_id is None and self.dialect == "postgresql"

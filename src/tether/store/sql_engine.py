@@ -131,7 +131,7 @@ class SqlEngine:
     async def start(self) -> None:
         if self.dialect == "sqlite":
             self._lock_database()
-        if self._run_migrations and not await self._retrying(self._at_head):
+        if self._run_migrations and not await self._at_head():
             from tether.store.migrate import upgrade_url
 
             await self._retrying(lambda: upgrade_url(self.url, self._command_timeout))
@@ -186,15 +186,7 @@ class SqlEngine:
                 return False  # no such table yet: a new database
             return row is not None and row[0] == HEAD
 
-        if self.dialect == "sqlite":
-            conn = self._sqlite()
-            try:
-                return await version(SqliteDb(conn))
-            finally:
-                conn.close()
-        pool = await self._connections()
-        async with pool.acquire(timeout=self._pool_timeout) as conn:
-            return await version(PgDb(conn))
+        return await self._read(version)
 
     def _sqlite(self) -> sqlite3.Connection:
         # Autocommit mode: the store says BEGIN and COMMIT itself.

@@ -20,8 +20,9 @@ from tether.core.errors import (
     UnsupportedOperation,
 )
 from tether.core.states import TERMINAL, TRANSITIONS, TaskState, can_transition
-from tether.core.types import JSON, Feedback, TaskRecord
-from tether.store.base import Claim, ListQuery, TaskStore
+from tether.core.types import JSON, Feedback, TaskRecord, text_message
+from tether.store.base import Claim, ListQuery, Submitted, TaskStore
+from tether.store.common import stamp
 
 ALICE, BOB = "alice", "bob"
 LEASE = 30.0
@@ -254,6 +255,50 @@ async def test_concurrent_first_messages_of_a_new_context(store: TaskStore) -> N
     assert all(s.created for s in subs)
     assert {s.task.context_id for s in subs} == {"fresh-ctx"}
     assert len(await store.context_history(OWNER, "fresh-ctx")) == 8
+
+
+async def test_refused_writes_beside_good_ones(store: TaskStore) -> None:
+    """Writes issued together (SQLite runs them in one transaction) that fail, some after
+    writing rows, leave nothing of themselves and take nothing from the others."""
+    seen = user_msg("seen before")
+    first = await store.submit(owner=OWNER, message=seen, context_id=None)
+    done = await drive_to(store, S.COMPLETED)
+    working = await drive_to(store, S.WORKING)
+    clash = stamp(
+        text_message("ROLE_AGENT", "clash", messageId=seen["messageId"]),
+        working.id,
+        working.context_id,
+    )
+    writes = [
+        store.submit(owner=OWNER, message=user_msg(f"fresh {i}"), context_id=None) for i in range(3)
+    ]
+    writes.insert(1, store.submit(owner=OWNER, message=seen, context_id=None))
+    writes.insert(2, store.transition(done.id, S.WORKING))  # refused: terminal
+    # Refused after its task row was updated: the agent's messageId is the user's.
+    writes.insert(3, store.transition(working.id, S.COMPLETED, message=clash))
+    writes.append(store.submit(owner=OWNER, message=user_msg("late"), context_id="ctx-late"))
+    results = await asyncio.gather(*writes, return_exceptions=True)
+
+    again = results[1]
+    assert isinstance(again, Submitted) and not again.created
+    assert again.task.id == first.task.id
+    assert isinstance(results[2], InvalidTransition)
+    assert isinstance(results[3], InvalidInput)
+    fresh = [r for i, r in enumerate(results) if i not in (1, 2, 3)]
+    assert all(isinstance(r, Submitted) and r.created for r in fresh)
+    for sub in fresh:
+        assert isinstance(sub, Submitted)
+        stored = await store.get_task(OWNER, sub.task.id)
+        assert stored.state is S.SUBMITTED and stored.history == sub.task.history
+    after = await store.get_task(OWNER, working.id, history_length=None)
+    assert (after.state, after.version, after.history) == (
+        S.WORKING,
+        working.version,
+        working.history,
+    )
+    assert (await store.get_task(OWNER, done.id)).state is S.COMPLETED
+    # The three tasks made before, the four fresh ones; no half-made task of the repeat.
+    assert (await store.list_tasks(ListQuery(owner=OWNER))).total_size == 3 + 4
 
 
 async def test_context_belongs_to_its_owner(store: TaskStore) -> None:

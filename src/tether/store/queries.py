@@ -65,11 +65,6 @@ def bump(sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: boo
 
 FIND_STATE = "SELECT state, lease_owner FROM tasks WHERE id = :id"
 FIND_STATE_OF_OWNER = FIND_STATE + " AND owner = :owner"
-LOAD_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id"
-LOAD_TASK_OF_OWNER = LOAD_TASK + " AND owner = :owner"
-LOAD_ARTIFACTS = "SELECT body FROM artifacts WHERE task_id = :id ORDER BY position"
-LOAD_HISTORY = "SELECT body FROM messages WHERE task_id = :id ORDER BY seq DESC"
-LOAD_HISTORY_LAST = LOAD_HISTORY + " LIMIT :n"
 SEEN = "SELECT task_id FROM messages WHERE owner = :owner AND message_id = :message_id"
 EVENTS_AFTER = (
     "SELECT seq, kind, payload, final FROM events WHERE task_id = :id AND seq > :after ORDER BY seq"
@@ -100,6 +95,19 @@ CLAIM_FRESH = (
     "AND (lease_owner IS NULL OR lease_expires <= :now) "
     f"RETURNING {TASK_COLUMNS}"
 )
+# SQLite: a task with its artifacts and its last :n messages (all when :n is -1), in one
+# statement. SQLite before 3.44 cannot order an aggregate, so each child comes back as
+# "[ordinal,body]" (the bodies are JSON text already), joined by commas: one JSON
+# array that ``sql.children`` parses and puts in order.
+_SQLITE_CHILDREN = (
+    "(SELECT group_concat('[' || position || ',' || body || ']') FROM artifacts "
+    "WHERE task_id = :id), "
+    "(SELECT group_concat('[' || seq || ',' || body || ']') FROM (SELECT seq, body "
+    "FROM messages WHERE task_id = :id ORDER BY seq DESC LIMIT :n))"
+)
+SQLITE_LOAD = f"SELECT {TASK_COLUMNS}, {_SQLITE_CHILDREN} FROM tasks WHERE id = :id"
+SQLITE_LOAD_OF_OWNER = SQLITE_LOAD + " AND owner = :owner"
+SQLITE_CLAIM_FRESH = f"{CLAIM_FRESH}, {_SQLITE_CHILDREN}"
 CLAIM = (
     "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
     "attempts = attempts + 1 "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, NoReturn, TypeVar
 
 from tether.core.errors import (
@@ -269,34 +270,18 @@ class SqlStore(SqlEngine):
         owner: str | None,
         history_length: int | None = None,
     ) -> TaskRecord:
+        """The task with its artifacts and its last ``history_length`` messages: one
+        statement, so one snapshot without a transaction of its own."""
         if db.dialect == "postgresql":
-            row = await db.first(
-                q.PG_LOAD_OF_OWNER if owner is not None else q.PG_LOAD,
-                {"id": task_id, "owner": owner, "n": history_length},
-            )
-            if row is None:
-                raise TaskNotFound(task_id)
-            return _with_children(row)
-        row = await db.first(
-            q.LOAD_TASK_OF_OWNER if owner is not None else q.LOAD_TASK,
-            {"id": task_id, "owner": owner},
-        )
+            sql = q.PG_LOAD_OF_OWNER if owner is not None else q.PG_LOAD
+            limit = history_length
+        else:
+            sql = q.SQLITE_LOAD_OF_OWNER if owner is not None else q.SQLITE_LOAD
+            limit = -1 if history_length is None else history_length
+        row = await db.first(sql, {"id": task_id, "owner": owner, "n": limit})
         if row is None:
             raise TaskNotFound(task_id)
-        return await self._fill(db, _task(row), history_length)
-
-    async def _fill(self, db: Db, task: TaskRecord, history_length: int | None) -> TaskRecord:
-        """Reads ``task``'s artifacts and its last ``history_length`` messages into it."""
-        task_id = task.id
-        task.artifacts = [loads(r[0]) for r in await db.rows(q.LOAD_ARTIFACTS, {"id": task_id})]
-        if history_length is None:
-            history = await db.rows(q.LOAD_HISTORY, {"id": task_id})
-        elif history_length > 0:
-            history = await db.rows(q.LOAD_HISTORY_LAST, {"id": task_id, "n": history_length})
-        else:
-            history = []
-        task.history = [loads(r[0]) for r in reversed(history)]
-        return task
+        return _with_children(row, db.dialect)
 
     async def _seen(self, db: Db, owner: str, message_id: str) -> str | None:
         row = await db.first(q.SEEN, {"owner": owner, "message_id": message_id})
@@ -442,7 +427,9 @@ class SqlStore(SqlEngine):
     async def get_task(
         self, owner: str | None, task_id: str, history_length: int | None = None
     ) -> TaskRecord:
-        return await self._read(lambda db: self._load(db, task_id, owner, history_length))
+        return await self._read(
+            lambda db: self._load(db, task_id, owner, history_length), one_statement=True
+        )
 
     async def list_tasks(self, query: ListQuery) -> TaskPage:
         size = page_size(query.page_size)
@@ -502,7 +489,7 @@ class SqlStore(SqlEngine):
             found = await db.rows(q.CONTEXT_HISTORY, {"context_id": context_id, "owner": owner})
             return [loads(r[0]) for r in found]
 
-        return await self._read(op)
+        return await self._read(op, one_statement=True)
 
     async def transition(
         self,
@@ -580,7 +567,7 @@ class SqlStore(SqlEngine):
         return await self._write(op, verify=self._event_landed)
 
     async def events_after(self, task_id: str, after_seq: int) -> list[TaskEvent]:
-        return await self._read(lambda db: self._events(db, task_id, after_seq))
+        return await self._read(lambda db: self._events(db, task_id, after_seq), one_statement=True)
 
     async def prune_events(self, finished_before: float, limit: int = 200) -> int:
         async def op(db: Db) -> int:
@@ -625,7 +612,7 @@ class SqlStore(SqlEngine):
             )
             if row is None:
                 return None
-            task = _with_children(row)
+            task = _with_children(row, db.dialect)
             payload = {"taskId": task_id, "contextId": task.context_id, "status": working}
             return Claim(task, [TaskEvent(task_id, task.last_seq, "status", payload)])
 
@@ -647,14 +634,16 @@ class SqlStore(SqlEngine):
             # The common case, a task never started: leased and started in one statement
             # (PostgreSQL's is tried above, with its event in the same statement).
             if db.dialect == "sqlite":
-                fresh = await db.first(q.CLAIM_FRESH, {**params, "max_attempts": max_attempts})
+                fresh = await db.first(
+                    q.SQLITE_CLAIM_FRESH, {**params, "max_attempts": max_attempts, "n": -1}
+                )
                 if fresh is not None:
-                    task = _task(fresh)
+                    task = _with_children(fresh, db.dialect)
                     payload = status_payload(task_id, task.context_id, task.state, None, t)
                     started = await self._event(
                         db, task_id, task.last_seq, "status", payload, False
                     )
-                    return Claim(await self._fill(db, task, None), [started])
+                    return Claim(task, [started])
             row = await db.first(q.CLAIM, params)
             if row is None:
                 return None
@@ -711,7 +700,7 @@ class SqlStore(SqlEngine):
         async def op(db: Db) -> list[str]:
             return [r[0] for r in await db.rows(q.RUNNABLE, {"now": now(), "n": limit})]
 
-        return await self._read(op)
+        return await self._read(op, one_statement=True)
 
     async def add_feedback(self, fb: Feedback) -> None:
         check_rating(fb.rating)
@@ -837,7 +826,7 @@ class SqlStore(SqlEngine):
             row = await db.first(q.OPERATION, {"id": operation_id})
             return None if row is None else _operation(row)
 
-        return await self._read(op)
+        return await self._read(op, one_statement=True)
 
 
 def _operation(row: Sequence[Any]) -> Operation:
@@ -868,12 +857,26 @@ def _submitted(
     )
 
 
-def _with_children(row: Sequence[Any]) -> TaskRecord:
-    """A task read with ``PG_LOAD``: its columns, then its artifacts and history as JSON."""
+def _with_children(row: Sequence[Any], dialect: str) -> TaskRecord:
+    """A task read with ``PG_LOAD`` or ``SQLITE_LOAD``: its columns, then its artifacts
+    and its history."""
     task = _task(row)
-    task.artifacts = loads(row[-2]) or []
-    task.history = loads(row[-1]) or []
+    if dialect == "postgresql":
+        task.artifacts = loads(row[-2]) or []
+        task.history = loads(row[-1]) or []
+    else:
+        task.artifacts = children(row[-2])
+        task.history = children(row[-1])
     return task
+
+
+def children(joined: str | None) -> list[JSON]:
+    """Rows that ``queries._SQLITE_CHILDREN`` joined as ``[ordinal,body],…``, in order."""
+    if joined is None:
+        return []
+    pairs = loads(f"[{joined}]")
+    pairs.sort(key=itemgetter(0))
+    return [body for _, body in pairs]
 
 
 def _task(row: Sequence[Any]) -> TaskRecord:

@@ -406,7 +406,10 @@ class SqlEngine:
                 _terminate(conn)
                 raise _CommitUnknown(exc, None) from exc
 
-    async def _read(self, op: Op[T]) -> T:
+    async def _read(self, op: Op[T], *, one_statement: bool = False) -> T:
+        """``op``'s reads, which see one snapshot. ``one_statement``: ``op`` runs one
+        statement, a snapshot of its own, so SQLite needs no transaction around it."""
+
         async def pooled() -> T:
             pool = await self._connections()
             async with pool.acquire(timeout=self._pool_timeout) as conn:
@@ -419,6 +422,8 @@ class SqlEngine:
             # sqlite3 never yield to the loop, so two reads never share it.
             if db.conn.in_transaction:
                 db.execute("ROLLBACK")  # left open by a read whose COMMIT failed
+            if one_statement:
+                return await op(db)
             db.execute("BEGIN")
             try:
                 return await op(db)

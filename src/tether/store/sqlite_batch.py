@@ -3,10 +3,15 @@ share one COMMIT.
 
 Most of what a SQLite write costs is its COMMIT, which appends every page the
 transaction touched to the WAL. Transactions queued in the same turn of the event
-loop run one after another in a single transaction, each under a SAVEPOINT: one
-that raises is rolled back alone and gets its own error, the others commit
-together. A COMMIT that fails fails every transaction of the batch; none of them
-landed (a SQLite COMMIT is never half-done), so their callers may run them again.
+loop run one after another in a single transaction. One that raises having changed
+nothing (a compare-and-set that found the task moved on, a refused insert: SQLite
+undoes a failed statement by itself) just gets its error. One that raises after
+changing rows cannot be undone alone without a SAVEPOINT around every transaction,
+which costs more than the rare failure it serves (a SAVEPOINT and its RELEASE are
+two more statements per transaction, a third of a task's): the whole batch is
+rolled back and run again without it. A COMMIT that fails fails every transaction
+of the batch; none of them landed (a SQLite COMMIT is never half-done), so their
+callers may run them again.
 
 Every write goes through one flusher, so the store needs no other write lock.
 """
@@ -62,39 +67,55 @@ class GroupCommit:
 
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
         db = self.db
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        failed: dict[asyncio.Future[Any], Exception] = {}
+        running = batch
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for op, fut in batch:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        result = await op(db)
-                    except Exception as exc:
-                        db.execute("ROLLBACK TO op")
-                        db.execute("RELEASE op")
-                        outcomes.append((fut, None, exc))
-                    else:
-                        db.execute("RELEASE op")
-                        outcomes.append((fut, result, None))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.conn.in_transaction:
-                    with contextlib.suppress(DriverError):
-                        db.execute("ROLLBACK")
-                raise
+            while (outcomes := await self._attempt(running, failed)) is None:
+                # One raised after changing rows, which are in the batch's transaction:
+                # undo it all and run the others again (a transaction may always be rerun).
+                db.execute("ROLLBACK")
+                running = [entry for entry in running if entry[1] not in failed]
+            db.execute("COMMIT")
         except BaseException as exc:
-            # Nothing of the batch landed: each caller gets the reason and may retry.
+            if db.conn.in_transaction:
+                with contextlib.suppress(DriverError):
+                    db.execute("ROLLBACK")
+            # Nothing of the batch landed, and what raised may have seen writes of the
+            # others that did not land: each caller gets the reason and may retry.
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for fut, result, error in outcomes:
-            if fut.done():
-                continue
-            if error is not None:
+        for fut, error in failed.items():
+            if not fut.done():
                 fut.set_exception(error)
-            else:
+        for fut, result in outcomes:
+            if not fut.done():
                 fut.set_result(result)
+
+    async def _attempt(
+        self,
+        batch: list[tuple[Op[Any], asyncio.Future[Any]]],
+        failed: dict[asyncio.Future[Any], Exception],
+    ) -> list[tuple[asyncio.Future[Any], Any]] | None:
+        """Runs ``batch`` in one transaction, left open: the results, or None when a
+        transaction raised after changing rows (the batch must then be rolled back).
+
+        Every transaction that raised is added to ``failed``.
+        """
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        outcomes: list[tuple[asyncio.Future[Any], Any]] = []
+        for op, fut in batch:
+            before = db.conn.total_changes
+            try:
+                result = await op(db)
+            except Exception as exc:
+                failed[fut] = exc
+                if db.conn.total_changes != before:
+                    return None
+            else:
+                outcomes.append((fut, result))
+        return outcomes

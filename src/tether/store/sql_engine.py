@@ -1,8 +1,9 @@
 """The SQL engine under ``SqlStore``: connections, transactions, retries, error translation.
 
-SQLite: one connection writes, through ``GroupCommit``; another reads, one read
-transaction per call. PostgreSQL: an asyncpg pool; each write is one transaction,
-each read runs its statements in autocommit. SQLAlchemy's engine serves the
+SQLite: one connection writes, through ``GroupCommit``, and reads between its
+transactions (a read of several statements in a read transaction of its own).
+PostgreSQL: an asyncpg pool; each write is one transaction, each read runs its
+statements in autocommit. SQLAlchemy's engine serves the
 schema's migrations only (``tether db``, and start-up).
 
 Every driver error is translated here, once: transient ones (a dropped connection,
@@ -136,9 +137,9 @@ class SqlEngine:
 
             await self._retrying(lambda: upgrade_url(self.url, self._command_timeout))
 
-    # SQLite: one connection writes (all writes share its commits), one reads. Both are
-    # opened on first use, like PostgreSQL's pool, so a tool may read a store it did not
-    # start (``tether tasks ls`` beside a running server).
+    # SQLite: one connection writes (all writes share its commits) and reads between
+    # them. It is opened on first use, like PostgreSQL's pool, so a tool may read a store
+    # it did not start (``tether tasks ls`` beside a running server).
 
     def _writer(self) -> GroupCommit:
         if self._batch is None:
@@ -150,6 +151,13 @@ class SqlEngine:
         return self._batch
 
     def _reading(self) -> SqliteDb:
+        """The writer's connection, between its transactions: reads share its page
+        cache, which another connection would drop after every commit and read again.
+        A connection of its own while a batch is open (never, as long as no write
+        yields to the loop half-way: a read must not see what is not committed)."""
+        writer = self._writer().db
+        if not writer.conn.in_transaction:
+            return writer
         if self._reader is None:
             self._reader = SqliteDb(self._sqlite())
         return self._reader
@@ -417,19 +425,17 @@ class SqlEngine:
 
         async def shared() -> T:
             db = self._reading()
-            # One read transaction: the op's statements see one snapshot, and SQLite
-            # takes its WAL read lock once instead of once per statement. Calls on
-            # sqlite3 never yield to the loop, so two reads never share it.
-            if db.conn.in_transaction:
-                db.execute("ROLLBACK")  # left open by a read whose COMMIT failed
             if one_statement:
                 return await op(db)
+            # One read transaction: the op's statements see one snapshot, and SQLite
+            # takes its WAL read lock once instead of once per statement. Calls on
+            # sqlite3 never yield to the loop, so nothing else runs on the connection
+            # meanwhile. ROLLBACK ends a transaction that read, and cannot fail.
             db.execute("BEGIN")
             try:
                 return await op(db)
             finally:
-                if db.conn.in_transaction:
-                    db.execute("COMMIT")
+                db.execute("ROLLBACK")
 
         return await self._retrying(shared if self.dialect == "sqlite" else pooled)
 

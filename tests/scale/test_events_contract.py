@@ -112,6 +112,21 @@ async def test_every_subscriber_gets_every_event(buses: Make) -> None:
         sub.close()
 
 
+async def test_a_finals_only_subscriber_gets_the_outcome_alone(buses: Make) -> None:
+    publisher, reader = await buses(), await buses()
+    task = new_id()
+    outcome, everything = reader.subscribe(task, finals_only=True), reader.subscribe(task)
+    for seq in (1, 2, 3):
+        await publisher.publish(status(task, seq))
+    await publisher.publish(status(task, 4, TaskState.INPUT_REQUIRED))
+    assert [e.seq for e in await collect(everything, 4)] == [1, 2, 3, 4]
+    got = await collect(outcome, 1)
+    assert [(e.seq, e.final) for e in got] == [(4, True)]
+    assert await settle(outcome) == []
+    outcome.close()
+    everything.close()
+
+
 async def test_a_closed_subscription_hears_nothing_more(buses: Make) -> None:
     publisher, reader = await buses(), await buses()
     task = new_id()

@@ -62,7 +62,9 @@ class EventBus(Protocol):
         """Hand ``event`` to every subscriber of its task; never waits for a reader."""
         ...
 
-    def subscribe(self, task_id: str) -> Subscription: ...
+    def subscribe(self, task_id: str, *, finals_only: bool = False) -> Subscription:
+        """``finals_only``: only the task's terminal and interrupted events (its outcome)."""
+        ...
 
     def on_final(self, listener: Listener) -> None:
         """Call ``listener`` for every terminal or interrupted event (used for cancel)."""

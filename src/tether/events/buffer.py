@@ -19,7 +19,8 @@ class BufferedSubscription:
     behind: then it is cut off (``overflowed``) and resumes from the store.
 
     ``dedupe``: drop an event whose seq is not above the last one handed over, for a bus
-    that may offer the same event more than once (from several paths).
+    that may offer the same event more than once (from several paths). ``finals_only``:
+    keep only terminal and interrupted events, for a reader that waits for the outcome.
     """
 
     def __init__(
@@ -29,8 +30,10 @@ class BufferedSubscription:
         drop: Callable[[BufferedSubscription], None],
         *,
         dedupe: bool = False,
+        finals_only: bool = False,
     ) -> None:
         self.task_id = task_id
+        self._finals_only = finals_only
         self._limit = limit
         self._drop = drop
         self._dedupe = dedupe
@@ -40,9 +43,15 @@ class BufferedSubscription:
         self._closed = False
         self._last = 0  # highest seq handed over
 
-    def _offer(self, event: TaskEvent) -> None:
-        if self._overflowed or self._closed or (self._dedupe and event.seq <= self._last):
-            return
+    def _offer(self, event: TaskEvent) -> bool:
+        """Whether ``event`` was kept for the reader."""
+        if (
+            self._overflowed
+            or self._closed
+            or (self._finals_only and not event.final)
+            or (self._dedupe and event.seq <= self._last)
+        ):
+            return False
         if len(self._events) >= self._limit:
             # A reader this slow would grow the buffer without bound: cut it off and
             # free what it holds now; it resumes from the store with Last-Event-ID.
@@ -55,6 +64,7 @@ class BufferedSubscription:
         # Wake the reader either way: it must see the overflow at once, not at its timeout.
         if self._waiter is not None:
             _fire(self._waiter)
+        return True
 
     @property
     def overflowed(self) -> bool:

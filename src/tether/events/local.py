@@ -32,22 +32,23 @@ class LocalEventBus:
 
     async def publish(self, event: TaskEvent) -> None:
         subs = self._subs.get(event.task_id)
+        kept = False
         if subs:
             for sub in list(subs):
-                sub._offer(event)
+                kept = sub._offer(event) or kept
         if event.final:
             for listener in self._final_listeners:
                 result = listener(event)
                 if inspect.isawaitable(result):
                     await result
-        if subs:
+        if kept:
             # Let the subscribers run before the next event: a publisher that never
             # waits otherwise (a tight loop on the memory store) would fill every
             # buffer in one go and cut off readers that are not slow at all.
             await asyncio.sleep(0)
 
-    def subscribe(self, task_id: str) -> BufferedSubscription:
-        sub = BufferedSubscription(task_id, self._limit, self._drop)
+    def subscribe(self, task_id: str, *, finals_only: bool = False) -> BufferedSubscription:
+        sub = BufferedSubscription(task_id, self._limit, self._drop, finals_only=finals_only)
         self._subs[task_id].add(sub)
         return sub
 

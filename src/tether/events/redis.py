@@ -328,9 +328,11 @@ class RedisEventBus:
 
     # -- subscribing -------------------------------------------------------------------
 
-    def subscribe(self, task_id: str) -> BufferedSubscription:
+    def subscribe(self, task_id: str, *, finals_only: bool = False) -> BufferedSubscription:
         # The same event may come live and from the stream's tail: handed over once.
-        sub = BufferedSubscription(task_id, self._limit, self._drop, dedupe=True)
+        sub = BufferedSubscription(
+            task_id, self._limit, self._drop, dedupe=True, finals_only=finals_only
+        )
         channel = self._channels.get(task_id)
         if channel is None:
             # Live at once when the pattern is confirmed: every event published from now

@@ -125,7 +125,7 @@ class TaskService:
                 context_id=msg.get("contextId"),
                 metadata=req.metadata,
             )
-        watch = self.bus.subscribe(sub.task.id) if listen else None
+        watch = self.bus.subscribe(sub.task.id, finals_only=True) if listen else None
         if sub.event is not None:
             try:
                 await self.bus.publish(sub.event)
@@ -158,15 +158,12 @@ class TaskService:
         deadline = time.monotonic() + self.blocking_timeout
         try:
             while (left := deadline - time.monotonic()) > 0:
-                event = await watch.get(min(POLL_SECONDS, left))
-                if event is not None:
-                    if event.final:
-                        return
-                    continue
+                if await watch.get(min(POLL_SECONDS, left)) is not None:
+                    return  # a final event
                 if watch.overflowed:
                     # Only the outcome matters here, not the events: listen again.
                     watch.close()
-                    watch = self.bus.subscribe(task_id)
+                    watch = self.bus.subscribe(task_id, finals_only=True)
                 task = await self.store.get_task(owner, task_id, history_length=0)
                 if _settled(task.state):
                     return

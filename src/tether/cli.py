@@ -111,6 +111,7 @@ def serve(
     """Serve an agent over A2A (JSON-RPC and REST) with its workers, in one process."""
     import uvicorn
 
+    from tether.runtime.process import tune_gc
     from tether.server.app import create_app
 
     _configure_logging(log_level)
@@ -123,8 +124,10 @@ def serve(
         lease_seconds=lease_seconds,
         broker_url=broker,
     )
+    asgi = create_app(agent, settings)
+    tune_gc()
     uvicorn.run(
-        create_app(agent, settings),
+        asgi,
         host=host,
         port=port,
         log_level=log_level,
@@ -160,7 +163,7 @@ def worker(
 ) -> None:
     """Run an agent's tasks only, taking them from Redis; start as many as you need."""
     from tether.core.errors import TetherError
-    from tether.runtime.process import run_worker
+    from tether.runtime.process import run_worker, tune_gc
 
     _configure_logging(log_level)
     agent = load_agent(target)
@@ -171,6 +174,7 @@ def worker(
         broker_url=broker,
         shutdown_grace=shutdown_grace,
     )
+    tune_gc()
     try:
         # uvloop, as `serve` gets through uvicorn: its socket writes cost a fraction of
         # the default loop's, and a worker is mostly socket writes.

@@ -113,6 +113,7 @@ def serve(
 
     from tether.runtime.process import tune_gc
     from tether.server.app import create_app
+    from tether.server.transport import HttpProtocol
 
     _configure_logging(log_level)
     agent = load_agent(target)
@@ -132,6 +133,7 @@ def serve(
         port=port,
         log_level=log_level,
         access_log=False,
+        http=HttpProtocol,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
 

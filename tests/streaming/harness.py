@@ -22,6 +22,7 @@ import uvicorn
 from tether.config import Settings
 from tether.runtime.agent import Agent
 from tether.server.app import Components, create_app
+from tether.server.transport import HttpProtocol
 
 JSON = dict[str, Any]
 
@@ -74,7 +75,12 @@ async def serve(
     )
     app = create_app(agent, settings)
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, access_log=False
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        access_log=False,
+        http=HttpProtocol,  # as `tether serve` runs it
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -3,8 +3,8 @@
 SQLite: one connection writes, through ``GroupCommit``, and reads between its
 transactions (a read of several statements in a read transaction of its own).
 PostgreSQL: an asyncpg pool; each write is one transaction, each read runs its
-statements in autocommit. SQLAlchemy's engine serves the
-schema's migrations only (``tether db``, and start-up).
+statements in autocommit. SQLAlchemy's engine serves the schema's migrations only
+(``tether db``, and start-up).
 
 Every driver error is translated here, once: transient ones (a dropped connection,
 a restarted server, a serialization failure or deadlock) are retried with bounded
@@ -430,12 +430,13 @@ class SqlEngine:
             # One read transaction: the op's statements see one snapshot, and SQLite
             # takes its WAL read lock once instead of once per statement. Calls on
             # sqlite3 never yield to the loop, so nothing else runs on the connection
-            # meanwhile. ROLLBACK ends a transaction that read, and cannot fail.
+            # meanwhile. ROLLBACK ends a transaction that only read.
             db.execute("BEGIN")
             try:
                 return await op(db)
             finally:
-                db.execute("ROLLBACK")
+                if db.conn.in_transaction:  # SQLite ends it itself on some errors
+                    db.execute("ROLLBACK")
 
         return await self._retrying(shared if self.dialect == "sqlite" else pooled)
 

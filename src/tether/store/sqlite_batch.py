@@ -7,9 +7,9 @@ loop run one after another in a single transaction. One that raises having chang
 nothing (a compare-and-set that found the task moved on, a refused insert: SQLite
 undoes a failed statement by itself) just gets its error. One that raises after
 changing rows cannot be undone alone without a SAVEPOINT around every transaction,
-which costs more than the rare failure it serves (a SAVEPOINT and its RELEASE are
-two more statements per transaction, a third of a task's): the whole batch is
-rolled back and run again without it. A COMMIT that fails fails every transaction
+which costs more than the rare failure it serves (a SAVEPOINT and its RELEASE
+around each of a task's three writes were 6 of its 22 statements): the whole
+batch is rolled back and run again without it. A COMMIT that fails fails every transaction
 of the batch; none of them landed (a SQLite COMMIT is never half-done), so their
 callers may run them again.
 

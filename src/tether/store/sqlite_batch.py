@@ -119,6 +119,10 @@ class GroupCommit:
             try:
                 result = await op(db)
             except Exception as exc:
+                if not db.conn.in_transaction:
+                    # SQLite rolled the whole transaction back itself (a full disk, say):
+                    # none of the batch landed, and nothing more may run outside it.
+                    raise
                 failed[fut] = exc
                 if db.conn.total_changes != before:
                     return None

@@ -37,7 +37,7 @@ class JoinedWrites:
     def _flush(self) -> None:
         pending, self._pending = self._pending, None
         if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._transport.write(b"".join(pending))  # one part: that bytes object itself
 
     def close(self) -> None:
         self._flush()  # what was written before the close goes out before the FIN

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from tether.core.states import TaskState
-from tether.core.types import TaskEvent, new_id
+from tether.core.types import TaskEvent, TaskRecord, new_id
 from tether.events.base import EventBus, Subscription
 from tether.events.local import LocalEventBus
 from tether.events.redis import RedisEventBus
@@ -125,6 +126,41 @@ async def test_a_finals_only_subscriber_gets_the_outcome_alone(buses: Make) -> N
     assert await settle(outcome) == []
     outcome.close()
     everything.close()
+
+
+async def test_a_final_event_brings_its_task_along(buses: Make) -> None:
+    publisher, reader = await buses(), await buses()
+    task_id = new_id()
+    answer = {"messageId": "m2", "role": "ROLE_AGENT", "parts": [{"text": "ok"}]}
+    whole = TaskRecord(
+        task_id,
+        "c",
+        "alice",
+        TaskState.COMPLETED,
+        version=2,
+        status_message=answer,
+        history=[{"messageId": "m1", "role": "ROLE_USER", "parts": [{"text": "hi"}]}, answer],
+        artifacts=[{"artifactId": "a", "parts": [{"text": "x" * 100}]}],
+        metadata={"k": [1, 2]},
+        last_seq=2,
+        attempts=1,
+    )
+    huge = replace(whole, artifacts=[{"artifactId": "a", "parts": [{"text": "x" * 70_000}]}])
+    outcome = reader.subscribe(task_id, finals_only=True)
+    await publisher.publish(replace(status(task_id, 2, TaskState.COMPLETED), task=whole))
+    [got] = await collect(outcome, 1)
+    assert got.task == whole
+    outcome.close()
+    if isinstance(publisher, RedisEventBus):
+        # Too large to travel: the reader is left to read the store, and the log never has it.
+        other = new_id()
+        outcome = reader.subscribe(other, finals_only=True)
+        await publisher.publish(replace(status(other, 1, TaskState.COMPLETED), task=huge))
+        [got] = await collect(outcome, 1)
+        assert got.task is None and got.seq == 1
+        outcome.close()
+        logged = await reader.history(task_id, 1) or []
+        assert [(e.seq, e.task) for e in logged] == [(2, None)]
 
 
 async def test_a_closed_subscription_hears_nothing_more(buses: Make) -> None:

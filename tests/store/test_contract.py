@@ -554,6 +554,35 @@ async def test_events_are_gap_free(store: TaskStore) -> None:
     assert status["state"] == S.WORKING.wire and status["message"]["parts"][0]["text"] == "step 0"
 
 
+@pytest.mark.parametrize("outcome", [S.COMPLETED, S.INPUT_REQUIRED, S.FAILED])
+async def test_a_final_transition_carries_the_task_it_left(
+    store: TaskStore, outcome: TaskState
+) -> None:
+    task = await claimed(store)
+    await store.add_artifact(
+        task.id, {"artifactId": "a", "parts": [{"text": "x"}]}, lease_owner=WORKER
+    )
+    step = await store.update_status(task.id, agent_msg(task, "thinking"), lease_owner=WORKER)
+    assert step.task is None  # not final: nothing to answer with yet
+    final = await store.transition(
+        task.id, outcome, message=agent_msg(task, "done"), lease_owner=WORKER
+    )
+    read = await store.get_task(OWNER, task.id)
+    # Exactly what a read after it returns: the answer joins the history, the lease is gone.
+    assert final.task == read
+    assert final.task is not None and final.task.last_seq == final.seq
+    assert [m["parts"][0]["text"] for m in final.task.history] == ["hello", "done"]
+    assert final.task.lease_owner is None and final.task.state == outcome
+    if outcome.interrupted:
+        # The next turn's outcome, without a message: the task as it then stands.
+        await store.resume(owner=OWNER, task_id=task.id, message=user_msg("more"))
+        claim = await store.claim(task.id, WORKER, lease_seconds=LEASE, max_attempts=3)
+        assert claim is not None and claim.task is not None
+        bare = await store.transition(task.id, S.COMPLETED, lease_owner=WORKER)
+        assert bare.task == await store.get_task(OWNER, task.id)
+        assert len(bare.task.history) == 3
+
+
 async def test_artifact_chunks_merge(store: TaskStore) -> None:
     task = await claimed(store)
 

@@ -89,6 +89,10 @@ class TaskEvent:
     kind: str  # "status" | "artifact"
     payload: JSON
     final: bool = False
+    # The whole task as this event left it, when its writer had it at hand (a worker's
+    # final transition): a blocking send answers with it instead of reading the task
+    # again. Never on the wire, never in the log; None means "read the store".
+    task: TaskRecord | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True, frozen=True)

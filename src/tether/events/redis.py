@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import secrets
@@ -62,33 +63,55 @@ from tether.broker.redis_client import (
     pack,
 )
 from tether.core.states import TaskState
-from tether.core.types import TaskEvent
+from tether.core.types import TaskEvent, TaskRecord
 from tether.events.base import Listener
 from tether.events.buffer import BufferedSubscription
 
 log = logging.getLogger("tether.events")
 
 _BATCH = 256
+# A final event's task travels with it up to this size (a blocking send answers with it);
+# a larger one is read from the store by whoever needs it.
+WHOLE_TASK_LIMIT = 64 * 1024
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TaskRecord))
 # A quiet pub/sub connection is pinged this often, so a dead one is noticed.
 _HEALTH_EVERY = 15.0
 
 
-def _encode(event: TaskEvent, origin: str) -> bytes:
-    return orjson.dumps(
-        {
-            "o": origin,
-            "t": event.task_id,
-            "s": event.seq,
-            "k": event.kind,
-            "f": event.final,
-            "p": event.payload,
-        }
-    )
+def _encode(event: TaskEvent, origin: str, whole: bytes | None = None) -> bytes:
+    """``whole``: the encoded ``event.task``, sent along (live only, never logged)."""
+    fields = {
+        "o": origin,
+        "t": event.task_id,
+        "s": event.seq,
+        "k": event.kind,
+        "f": event.final,
+        "p": event.payload,
+    }
+    if whole is not None:
+        fields["w"] = orjson.Fragment(whole)
+    return orjson.dumps(fields)
 
 
 def _decode(data: bytes | str) -> tuple[TaskEvent, str]:
     d = orjson.loads(data)
-    return TaskEvent(str(d["t"]), int(d["s"]), str(d["k"]), d["p"], bool(d["f"])), str(d["o"])
+    task = _record(d["w"]) if "w" in d else None
+    event = TaskEvent(str(d["t"]), int(d["s"]), str(d["k"]), d["p"], bool(d["f"]), task)
+    return event, str(d["o"])
+
+
+def _whole(task: TaskRecord | None) -> bytes | None:
+    """``task`` encoded, if it is small enough to travel with its event."""
+    if task is None:
+        return None
+    encoded = orjson.dumps([getattr(task, name) for name in _RECORD_FIELDS])
+    return encoded if len(encoded) <= WHOLE_TASK_LIMIT else None
+
+
+def _record(values: list[Any]) -> TaskRecord:
+    fields = dict(zip(_RECORD_FIELDS, values, strict=True))
+    fields["state"] = TaskState(fields["state"])
+    return TaskRecord(**fields)
 
 
 def _canceled(event: TaskEvent) -> bool:
@@ -294,7 +317,9 @@ class RedisEventBus:
             # The seq as entry id: a second copy of an event is refused by Redis.
             commands.append(("XADD", key, "MAXLEN", "~", self.maxlen, f"{event.seq}-0", "e", data))
             commands.append(("PEXPIRE", key, self.ttl_ms))
-            commands.append(("PUBLISH", self._channel_name(event.task_id), data))
+            whole = _whole(event.task)
+            live = data if whole is None else _encode(event, self.origin, whole)
+            commands.append(("PUBLISH", self._channel_name(event.task_id), live))
             if _canceled(event):
                 commands.append(("PUBLISH", self.cancel_channel, data))
         # Error replies (a refused duplicate or out-of-order XADD) must not stop the rest

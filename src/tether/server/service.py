@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tether.broker.base import Broker
 from tether.core.errors import (
@@ -147,28 +147,41 @@ class TaskService:
             if _settled(task.state):
                 watch.close()
             else:
-                await self._settle(req.owner, task.id, watch)
+                final = await self._settle(req.owner, task, watch)
+                if final is not None and final.task is not None:
+                    # The task as its outcome left it, read with that write: no second read.
+                    done = final.task
+                    return replace(done, history=trim_history(done.history, req.history_length))
         return await self.store.get_task(req.owner, task.id, req.history_length)
 
-    async def _settle(self, owner: str, task_id: str, watch: Subscription) -> None:
-        """Wait until the task is terminal or interrupted, at most ``blocking_timeout``.
+    async def _settle(
+        self, owner: str, accepted: TaskRecord, watch: Subscription
+    ) -> TaskEvent | None:
+        """Wait until the task is terminal or interrupted, at most ``blocking_timeout``;
+        the final event, when one was heard.
 
         Closes ``watch`` (or the one that replaced it) before returning.
         """
         deadline = time.monotonic() + self.blocking_timeout
         try:
             while (left := deadline - time.monotonic()) > 0:
-                if await watch.get(min(POLL_SECONDS, left)) is not None:
-                    return  # a final event
+                final = await watch.get(min(POLL_SECONDS, left))
+                # A final event from before this message (the end of the turn it answers,
+                # heard late from another process) is not this message's outcome.
+                if final is not None and final.seq > accepted.last_seq:
+                    return final
+                if final is not None:
+                    continue
                 if watch.overflowed:
                     # Only the outcome matters here, not the events: listen again.
                     watch.close()
-                    watch = self.bus.subscribe(task_id, finals_only=True)
-                task = await self.store.get_task(owner, task_id, history_length=0)
+                    watch = self.bus.subscribe(accepted.id, finals_only=True)
+                task = await self.store.get_task(owner, accepted.id, history_length=0)
                 if _settled(task.state):
-                    return
+                    return None
         finally:
             watch.close()
+        return None
 
     # -- streams -------------------------------------------------------------
 

@@ -125,7 +125,11 @@ class TaskStore(Protocol):
         message: JSON | None = None,
         lease_owner: str | None = None,
     ) -> TaskEvent:
-        """Compare-and-set the state; ``message`` becomes the status message and joins history."""
+        """Compare-and-set the state; ``message`` becomes the status message and joins history.
+
+        To a terminal or interrupted state, the event carries the task as the
+        transition left it (``TaskEvent.task``, full history), read in the same step.
+        """
         ...
 
     async def cancel(self, owner: str, task_id: str) -> TaskEvent: ...

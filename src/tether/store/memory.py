@@ -209,7 +209,8 @@ class MemoryStore:
         if message is not None:
             self._check_new(task.owner, message)
             message = copy.deepcopy(message)
-        return self._apply(task, to, message)
+        event = self._apply(task, to, message)
+        return replace(event, task=self._snapshot(task)) if event.final else event
 
     def _apply(self, task: TaskRecord, to: TaskState, message: JSON | None) -> TaskEvent:
         task.state = to

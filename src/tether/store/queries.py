@@ -53,14 +53,24 @@ LEASE_CLEARED = ("lease_owner = NULL", "lease_expires = NULL")
 
 
 @functools.cache
-def bump(sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: bool) -> str:
+def bump(
+    sets: tuple[str, ...],
+    states: tuple[str, ...],
+    owner: bool,
+    lease: bool,
+    whole: bool = False,
+    children: str = "",
+) -> str:
+    """The guarded update. It returns ``last_seq, context_id, owner``, or with ``whole``
+    the task's columns (``TASK_COLUMNS``) followed by ``children``."""
     where = f"id = :id AND state IN ({_states(states)})"
     if owner:
         where += " AND owner = :owner"
     if lease:
         where += " AND lease_owner = :lease_owner"
     assign = ", ".join(("last_seq = last_seq + 1", *sets))
-    return f"UPDATE tasks SET {assign} WHERE {where} RETURNING last_seq, context_id, owner"
+    returned = f"{TASK_COLUMNS}{children}" if whole else "last_seq, context_id, owner"
+    return f"UPDATE tasks SET {assign} WHERE {where} RETURNING {returned}"
 
 
 FIND_STATE = "SELECT state, lease_owner FROM tasks WHERE id = :id"
@@ -224,13 +234,25 @@ PG_SUBMIT = (
 )
 
 
+# What a final transition returns besides the task's columns: its artifacts and whole
+# history, as they were before the statement (the message it adds is not among them).
+SQLITE_WHOLE = f", {_SQLITE_CHILDREN}"
+_PG_WHOLE = f", {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')}"
+
+
 @functools.cache
 def pg_set_state(
-    sets: tuple[str, ...], states: tuple[str, ...], owner: bool, lease: bool, message: bool
+    sets: tuple[str, ...],
+    states: tuple[str, ...],
+    owner: bool,
+    lease: bool,
+    message: bool,
+    whole: bool = False,
 ) -> str:
-    """``bump`` with its message and its status event written in the same statement."""
+    """``bump`` with its message and its status event written in the same statement;
+    ``whole``: it returns the task as ``SQLITE_WHOLE`` says."""
     task_id = "CAST(:task_id AS varchar)"
-    parts = [f"WITH u AS ({bump(sets, states, owner, lease)})"]
+    parts = [f"WITH u AS ({bump(sets, states, owner, lease, whole)})"]
     if message:
         parts.append(
             "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
@@ -239,7 +261,8 @@ def pg_set_state(
             "CAST(:created AS double precision) FROM u)"
         )
     parts.append(f"e AS ({_STATUS_EVENT.format(id=task_id)})")
-    return ", ".join(parts) + " SELECT last_seq, context_id, owner FROM u"
+    returned = f"{TASK_COLUMNS}{_PG_WHOLE}" if whole else "last_seq, context_id, owner"
+    return ", ".join(parts) + f" SELECT {returned} FROM u"
 
 
 EVENT_WRITTEN_AT = (

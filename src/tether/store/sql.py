@@ -64,7 +64,7 @@ from tether.store.common import (
     trim_history,
 )
 from tether.store.sql_engine import SqlEngine
-from tether.store.sql_exec import Db, dumps, in_list, loads
+from tether.store.sql_exec import Db, Row, dumps, in_list, loads
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
@@ -105,13 +105,34 @@ class SqlStore(SqlEngine):
 
         ``sets`` are ``column = expression`` fragments; ``params`` their values.
         """
-        sql = q.bump(sets, tuple(states), owner is not None, lease_owner is not None)
+        row = await self._bump_row(
+            db, task_id, wanted, states, sets, params, owner=owner, lease_owner=lease_owner
+        )
+        return int(row[0]), str(row[1]), str(row[2])
+
+    async def _bump_row(
+        self,
+        db: Db,
+        task_id: str,
+        wanted: TaskState,
+        states: Sequence[str],
+        sets: tuple[str, ...],
+        params: dict[str, Any],
+        *,
+        owner: str | None,
+        lease_owner: str | None,
+        whole: bool = False,
+    ) -> Row:
+        """``_bump``'s row; ``whole``: the task as ``SQLITE_LOAD`` reads it (SQLite)."""
+        sql = q.bump(
+            sets, tuple(states), owner is not None, lease_owner is not None, whole, q.SQLITE_WHOLE
+        )
         row = await db.first(
-            sql, {**params, "id": task_id, "owner": owner, "lease_owner": lease_owner}
+            sql, {**params, "id": task_id, "owner": owner, "lease_owner": lease_owner, "n": -1}
         )
         if row is None:
             await self._refused(db, task_id, wanted, states, owner, lease_owner)
-        return int(row[0]), str(row[1]), str(row[2])
+        return row
 
     @staticmethod
     async def _refused(
@@ -144,6 +165,7 @@ class SqlStore(SqlEngine):
         final: bool,
         *,
         created_at: float | None = None,
+        task: TaskRecord | None = None,
     ) -> TaskEvent:
         await db.run(
             q.INSERT_EVENT,
@@ -156,7 +178,7 @@ class SqlStore(SqlEngine):
                 "created_at": now() if created_at is None else created_at,
             },
         )
-        return TaskEvent(task_id, seq, kind, payload, final)
+        return TaskEvent(task_id, seq, kind, payload, final, task)
 
     @staticmethod
     async def _written_at(db: Db, task_id: str, ts: float) -> TaskEvent | None:
@@ -194,11 +216,13 @@ class SqlStore(SqlEngine):
         lease_owner: str | None = None,
         new_turn: bool = False,
         ts: float | None = None,
+        whole: bool = False,
     ) -> TaskEvent:
         """``message`` must already name its task and context (``common.stamp``).
 
         ``new_turn``: the attempt budget starts again (a follow-up message). ``ts``: the
         clock reading to record (the status time, and the event's ``created_at``).
+        ``whole``: the event carries the task as this leaves it (``TaskEvent.task``).
         """
         ts = now() if ts is None else ts
         sets: tuple[str, ...] = q.STATE_SETS
@@ -211,15 +235,24 @@ class SqlStore(SqlEngine):
         values = {"state": to.value, "ts": ts, "status_message": dumps(message)}
         if db.dialect == "postgresql":
             return await self._set_state_pg(
-                db, task_id, to, message, sets, values, owner, lease_owner
+                db, task_id, to, message, sets, values, owner, lease_owner, whole
             )
-        seq, context_id, task_owner = await self._bump(
-            db, task_id, to, allowed, sets, values, owner=owner, lease_owner=lease_owner
+        row = await self._bump_row(
+            db, task_id, to, allowed, sets, values, owner=owner, lease_owner=lease_owner,
+            whole=whole,
+        )  # fmt: skip
+        task = _with_children(row, db.dialect) if whole else None
+        seq, context_id, task_owner = (
+            (task.last_seq, task.context_id, task.owner) if task else (row[0], row[1], row[2])
         )
         if message is not None:
             await self._message(db, task_owner, message)
+            if task is not None:
+                task.history.append(message)  # read before it was written
         payload = status_payload(task_id, context_id, to, message, ts)
-        return await self._event(db, task_id, seq, "status", payload, final, created_at=ts)
+        return await self._event(
+            db, task_id, seq, "status", payload, final, created_at=ts, task=task
+        )
 
     async def _set_state_pg(
         self,
@@ -231,6 +264,7 @@ class SqlStore(SqlEngine):
         values: dict[str, Any],
         owner: str | None,
         lease_owner: str | None,
+        whole: bool,
     ) -> TaskEvent:
         """``_set_state`` as one statement: the update, its message and its event."""
         allowed = q.ALLOWED_FROM[to]
@@ -255,13 +289,19 @@ class SqlStore(SqlEngine):
                 body=dumps(message),
             )
         sql = q.pg_set_state(
-            sets, allowed, owner is not None, lease_owner is not None, message is not None
+            sets, allowed, owner is not None, lease_owner is not None, message is not None, whole
         )
         row = await db.first(sql, params)
         if row is None:
             await self._refused(db, task_id, to, allowed, owner, lease_owner)
-        payload = {"taskId": task_id, "contextId": str(row[1]), "status": state}
-        return TaskEvent(task_id, int(row[0]), "status", payload, final)
+        if not whole:
+            payload = {"taskId": task_id, "contextId": str(row[1]), "status": state}
+            return TaskEvent(task_id, int(row[0]), "status", payload, final)
+        task = _with_children(row, db.dialect)
+        if message is not None:
+            task.history.append(message)  # the statement's reads do not see its own writes
+        payload = {"taskId": task_id, "contextId": task.context_id, "status": state}
+        return TaskEvent(task_id, task.last_seq, "status", payload, final, task)
 
     async def _load(
         self,
@@ -502,8 +542,11 @@ class SqlStore(SqlEngine):
         if message is not None:
             check_message(message)
         ts = now()
+        whole = to.terminal or to.interrupted
         return await self._write(
-            lambda db: self._set_state(db, task_id, to, message, lease_owner=lease_owner, ts=ts),
+            lambda db: self._set_state(
+                db, task_id, to, message, lease_owner=lease_owner, ts=ts, whole=whole
+            ),
             recover=lambda db: self._written_at(db, task_id, ts),
         )
 

@@ -128,7 +128,12 @@ class TaskService:
         watch = self.bus.subscribe(sub.task.id, finals_only=True) if listen else None
         if sub.event is not None:
             try:
-                await self.bus.publish(sub.event)
+                if sub.event.seq > 1:
+                    # A new task's first event is not published: nobody can be listening
+                    # to a task whose id is not out yet, and a stream (or a replay from
+                    # the bus) that wants it reads it from the log. Saved: a Redis write
+                    # and its echo per task.
+                    await self.bus.publish(sub.event)
                 try:
                     await self.broker.enqueue(sub.task.id)
                 except BrokerUnavailable as exc:

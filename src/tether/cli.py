@@ -8,8 +8,9 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvloop
@@ -27,6 +28,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(bench_app, name="bench")
 console = Console()
+T = TypeVar("T")
 
 DbOption = Annotated[
     str | None,
@@ -198,7 +200,7 @@ def db_upgrade(revision: str = "head", db: DbOption = None) -> None:
     """Apply migrations up to REVISION (default: head)."""
     from tether.store.migrate import upgrade
 
-    asyncio.run(_with_engine(db, lambda e: upgrade(e, revision)))
+    _run("db upgrade", _with_engine(db, lambda e: upgrade(e, revision)))
     console.print(f"upgraded to {revision}")
 
 
@@ -207,7 +209,7 @@ def db_downgrade(revision: str, db: DbOption = None) -> None:
     """Revert migrations down to REVISION (``base`` empties the schema)."""
     from tether.store.migrate import downgrade
 
-    asyncio.run(_with_engine(db, lambda e: downgrade(e, revision)))
+    _run("db downgrade", _with_engine(db, lambda e: downgrade(e, revision)))
     console.print(f"downgraded to {revision}")
 
 
@@ -216,7 +218,7 @@ def db_current(db: DbOption = None) -> None:
     """Print the schema revision the database is at."""
     from tether.store.migrate import current
 
-    rev = asyncio.run(_with_engine(db, current))
+    rev = _run("db current", _with_engine(db, current))
     console.print(rev or "(empty: no migration applied)")
 
 
@@ -227,6 +229,25 @@ def db_history() -> None:
 
     for rev, down, doc in history():
         console.print(f"{down or 'base'} -> {rev}: {doc.splitlines()[0] if doc else ''}")
+
+
+def _run(command: str, work: Coroutine[Any, Any, T]) -> T:
+    """``work`` to its end; a failure the user can act on (a bad URL, a database that is
+    down or refuses) is one line and exit status 2, not a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tether.core.errors import TetherError
+
+    try:
+        return asyncio.run(work)
+    except TetherError as exc:
+        message = exc.message
+    except SQLAlchemyError as exc:  # from a migration, which runs on SQLAlchemy
+        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    except OSError as exc:
+        message = str(exc) or type(exc).__name__
+    console.print(f"[red]tether {command}: {message}[/red]")
+    raise typer.Exit(2)
 
 
 async def _with_engine(db: str | None, fn: Any) -> Any:
@@ -271,7 +292,7 @@ def tasks_ls(
         console.print(table)
         console.print(f"{page.total_size} task(s)")
 
-    asyncio.run(run())
+    _run("tasks ls", run())
 
 
 def main() -> None:

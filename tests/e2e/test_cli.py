@@ -6,10 +6,13 @@ import asyncio
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tether.store import revision
 
 from .conftest import ServerFactory
 from .helpers import HTTP_TIMEOUT, send, text_of
@@ -111,3 +114,47 @@ async def test_tasks_ls_reads_the_store_of_a_running_server(
     assert done.returncode == 0, done.stdout + done.stderr
     assert task["id"] in done.stdout
     assert "1 task(s)" in done.stdout
+
+
+def _tether(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TETHER), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.mark.postgres
+def test_db_commands_take_every_form_of_a_database_url(
+    postgres_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # The same database whether the URL names the driver or not.
+    url = postgres_database()
+    plain = url.replace("postgresql+asyncpg://", "postgresql://")
+    upgraded = _tether("db", "upgrade", "--db", plain)
+    assert upgraded.returncode == 0, upgraded
+    for form in (url, plain, url.replace("postgresql+asyncpg://", "postgres://")):
+        current = _tether("db", "current", "--db", form)
+        assert current.returncode == 0, current
+        assert current.stdout.strip() == revision.HEAD
+    sqlite = _tether("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'plain.db'}")
+    assert sqlite.returncode == 0, sqlite
+    assert (tmp_path / "plain.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("db", "upgrade", "--db", "mysql://x@127.0.0.1/y"), "not a sqlite:/// or postgresql://"),
+        (("db", "current", "--db", "postgresql://postgres@127.0.0.1:1/nope"), "127.0.0.1"),
+    ],
+)
+def test_db_command_failures_are_one_line(args: tuple[str, ...], complaint: str) -> None:
+    done = _tether(*args)
+    assert done.returncode == 2, done
+    output = " ".join((done.stdout + done.stderr).split())
+    assert output.startswith(f"tether {args[0]} {args[1]}: ") and complaint in output, output
+    assert "Traceback" not in output

@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tether.store import sqlite_inline
@@ -28,21 +28,34 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x746574686572
 
 
+def async_url(url: str) -> URL:
+    """``url`` with the drivers the store runs on, whichever it named (or none: a plain
+    ``sqlite:///``, ``postgresql://`` or ``postgres://`` URL is the same database)."""
+    made = make_url(url)
+    backend = made.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return made.set(drivername="postgresql+asyncpg")
+    if backend == "sqlite":
+        return made.set(drivername="sqlite+aiosqlite")
+    return made
+
+
 def engine(url: str, command_timeout: float) -> AsyncEngine:
     """A SQLAlchemy engine on the store's database, for migrations and operators' tools."""
     kwargs: dict[str, Any] = {
         "json_serializer": lambda v: orjson.dumps(v).decode(),
         "json_deserializer": orjson.loads,
     }
-    if make_url(url).get_backend_name() == "sqlite":
-        path = make_url(url).database or ""
+    target = async_url(url)
+    if target.get_backend_name() == "sqlite":
+        path = target.database or ""
         kwargs["async_creator"] = sqlite_inline.connector(path, command_timeout)
-        made = create_async_engine(url, **kwargs)
+        made = create_async_engine(target, **kwargs)
         busy_ms = int(command_timeout * 1000)
         event.listen(made.sync_engine, "connect", lambda conn, _: sqlite_pragmas(conn, busy_ms))
         return made
     kwargs.update(pool_size=1, connect_args={"command_timeout": command_timeout})
-    return create_async_engine(url, **kwargs)
+    return create_async_engine(target, **kwargs)
 
 
 async def upgrade_url(url: str, command_timeout: float) -> None:

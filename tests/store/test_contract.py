@@ -21,7 +21,7 @@ from tether.core.errors import (
 )
 from tether.core.states import TERMINAL, TRANSITIONS, TaskState, can_transition
 from tether.core.types import JSON, Feedback, TaskRecord, text_message
-from tether.store.base import Claim, ListQuery, Submitted, TaskStore
+from tether.store.base import Claim, ListQuery, Start, Submitted, TaskStore
 from tether.store.common import stamp
 
 ALICE, BOB = "alice", "bob"
@@ -450,6 +450,48 @@ async def test_claim(store: TaskStore) -> None:
     assert await store.claim(task.id, "w1", lease_seconds=LEASE, max_attempts=3) is None
     assert await store.claim(task.id, "w2", lease_seconds=LEASE, max_attempts=3) is None
     assert (await store.get_task(OWNER, task.id)).attempts == 1
+
+
+@pytest.mark.parametrize("context", [None, "ctx-started"])
+async def test_submit_that_starts_the_task(store: TaskStore, context: str | None) -> None:
+    msg = user_msg("go", **({"contextId": context} if context else {}))
+    sub = await store.submit(owner=OWNER, message=msg, context_id=context, start=Start("w1", LEASE))
+    assert sub.created and sub.event is not None and sub.started is not None
+    task, started = sub.task, sub.started.task
+    # As if claimed at once: working, leased, first attempt, both events in the log.
+    assert started is not None and started == task
+    assert task.state is S.WORKING and task.lease_owner == "w1" and task.attempts == 1
+    assert task.lease_expires is not None and task.lease_expires > task.created_at
+    assert task.last_seq == 2 and task.history == [
+        {**msg, "taskId": task.id, "contextId": task.context_id}
+    ]
+    assert [(e.seq, e.payload["status"]["state"]) for e in [sub.event, *sub.started.events]] == [
+        (1, S.SUBMITTED.wire),
+        (2, S.WORKING.wire),
+    ]
+    logged = await store.events_after(task.id, 0)
+    assert logged == [sub.event, *sub.started.events]
+    assert await store.get_task(OWNER, task.id, history_length=None) == task
+    # Leased like any claim: nobody else takes it, the queue's outbox leaves it alone...
+    assert await store.claim(task.id, "w2", lease_seconds=LEASE, max_attempts=3) is None
+    assert task.id not in await store.runnable()
+    done = await store.transition(task.id, S.COMPLETED, message=agent_msg(task), lease_owner="w1")
+    assert done.seq == 3 and done.final
+    # ...and a repeat of its messageId returns it, starting nothing.
+    again = await store.submit(
+        owner=OWNER, message=msg, context_id=context, start=Start("w1", LEASE)
+    )
+    assert not again.created and again.started is None and again.task.id == task.id
+
+
+async def test_a_started_task_whose_worker_died_is_claimed_again(store: TaskStore) -> None:
+    sub = await store.submit(
+        owner=OWNER, message=user_msg(), context_id=None, start=Start("w1", -1)
+    )
+    assert sub.task.id in await store.runnable()
+    claim = await store.claim(sub.task.id, "w2", lease_seconds=LEASE, max_attempts=3)
+    assert claim is not None and claim.task is not None and claim.events == []
+    assert claim.task.attempts == 2 and claim.task.lease_owner == "w2"
 
 
 async def test_concurrent_claims_have_one_winner(store: TaskStore) -> None:

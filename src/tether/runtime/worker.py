@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tether.broker.base import Broker, Delivery
+from tether.broker.local import LocalBroker
 from tether.core.errors import (
     HandlerError,
     InvalidInput,
@@ -38,7 +39,7 @@ from tether.runtime.context import Context
 from tether.runtime.outcome import Outcome
 from tether.runtime.parts import agent_message
 from tether.runtime.waits import Parked
-from tether.store.base import TaskStore
+from tether.store.base import Claim, Start, TaskStore
 
 if TYPE_CHECKING:
     from tether.runtime.completions import CompletionConsumer
@@ -89,6 +90,12 @@ class Runtime:
         self._halt = asyncio.Event()
         self._threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="handler")
         self._stopping = False
+        # Tasks a submit created already claimed for this worker (``reserve``), until their
+        # queue entry reaches a slot. Only with the in-process queue: the entry must come
+        # back to this process, where the claim is.
+        self._direct = isinstance(broker, LocalBroker)
+        self._reserved = 0
+        self._started: dict[str, Claim] = {}
 
     @property
     def running(self) -> int:
@@ -140,6 +147,21 @@ class Runtime:
         with contextlib.suppress(TetherError):
             await self.store.release_leases(self.worker_id)
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def reserve(self) -> Start | None:
+        """A slot for a new task that its submit creates already claimed by this worker,
+        if a slot is idle and not promised yet; ``started`` ends the reservation."""
+        if not self._direct or self._stopping or len(self._idle) <= self._reserved:
+            return None
+        self._reserved += 1
+        return Start(self.worker_id, self.lease_seconds)
+
+    def started(self, claim: Claim | None) -> None:
+        """The reserved task's claim (None: the submit created nothing). Its queue entry,
+        enqueued next, runs it without claiming it again."""
+        self._reserved -= 1
+        if claim is not None and claim.task is not None:
+            self._started[claim.task.id] = claim
 
     # -- loops ---------------------------------------------------------------
 
@@ -214,6 +236,9 @@ class Runtime:
             return
         if event.task_id in self._claiming:
             self._canceled.add(event.task_id)
+        # Started by its submit but not run yet: its entry claims it the usual way, and
+        # finds it canceled.
+        self._started.pop(event.task_id, None)
         self._stop_handler(event.task_id)
 
     def _stop_handler(self, task_id: str) -> None:
@@ -259,7 +284,7 @@ class Runtime:
         # finds no handler to stop: ``_on_final`` records it in ``_canceled`` instead.
         self._claiming.add(task_id)
         try:
-            claim = await self.store.claim(
+            claim = self._started.pop(task_id, None) or await self.store.claim(
                 task_id,
                 self.worker_id,
                 lease_seconds=self.lease_seconds,

@@ -67,6 +67,7 @@ def build(agent: Agent, settings: Settings) -> Components:
         blocking_timeout=settings.blocking_timeout,
         keepalive=settings.sse_keepalive,
         event_retention=settings.event_retention,
+        starter=runtime,
     )
     return Components(store, broker, bus, service, runtime)
 

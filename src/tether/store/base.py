@@ -22,18 +22,29 @@ DEFAULT_PAGE_SIZE = 50
 
 
 @dataclass(slots=True, frozen=True)
-class Submitted:
-    task: TaskRecord
-    created: bool  # False: the messageId was seen before; ``task`` is the existing one
-    event: TaskEvent | None
-
-
-@dataclass(slots=True, frozen=True)
 class Claim:
     """A won claim: ``task`` (full history) to run, or None when the claim gave up on it."""
 
     task: TaskRecord | None
     events: list[TaskEvent]  # what the claim itself wrote: submitted -> working, or -> failed
+
+
+@dataclass(slots=True, frozen=True)
+class Start:
+    """A new task's first claim, made by its submit: who runs it, for how long."""
+
+    worker: str
+    lease_seconds: float
+
+
+@dataclass(slots=True, frozen=True)
+class Submitted:
+    task: TaskRecord
+    created: bool  # False: the messageId was seen before; ``task`` is the existing one
+    event: TaskEvent | None
+    # A submit with ``start`` that created the task: the claim it made (``event`` is the
+    # task's first, submitted, and the claim's own is the second, working).
+    started: Claim | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,10 +107,13 @@ class TaskStore(Protocol):
         message: JSON,
         context_id: str | None,
         metadata: JSON | None = None,
+        start: Start | None = None,
     ) -> Submitted:
         """Create a task, its context (if new), its first message and first event.
 
         A ``messageId`` already accepted from ``owner`` returns the existing task.
+        With ``start``, a task it creates is also claimed, in the same step, as
+        ``claim`` would (working, leased to ``start.worker``, first attempt).
         """
         ...
 

@@ -30,6 +30,7 @@ from tether.store.base import (
     ListQuery,
     Operation,
     OperationState,
+    Start,
     Submitted,
 )
 from tether.store.common import (
@@ -108,7 +109,13 @@ class MemoryStore:
         )
 
     async def submit(
-        self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
+        self,
+        *,
+        owner: str,
+        message: JSON,
+        context_id: str | None,
+        metadata: JSON | None = None,
+        start: Start | None = None,
     ) -> Submitted:
         check_submit(owner, message, context_id)
         message, metadata = copy.deepcopy(message), copy.deepcopy(metadata)
@@ -131,7 +138,13 @@ class MemoryStore:
         self._tasks[task.id] = task
         self._events[task.id] = []
         event = self._status_event(task)
-        return Submitted(self._snapshot(task), True, event)
+        if start is None:
+            return Submitted(self._snapshot(task), True, event)
+        task.attempts = 1
+        task.lease_owner, task.lease_expires = start.worker, task.created_at + start.lease_seconds
+        working = self._apply(task, TaskState.WORKING, None)
+        started = Claim(self._snapshot(task), [working])
+        return Submitted(self._snapshot(task), True, event, started)
 
     async def resume(self, *, owner: str, task_id: str, message: JSON) -> Submitted:
         check_message(message)

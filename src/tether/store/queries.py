@@ -83,11 +83,13 @@ EVENTS_AFTER_FIRST = EVENTS_AFTER + " LIMIT :n"
 INSERT_CONTEXT = "INSERT INTO contexts (id, owner, created_at) VALUES (:id, :owner, :ts)"
 ADD_CONTEXT = INSERT_CONTEXT + " ON CONFLICT (id) DO NOTHING RETURNING id"
 CONTEXT_OWNER = "SELECT owner FROM contexts WHERE id = :id"
-INSERT_TASK = (
+_NEW_TASK = (
     "INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
-    "metadata, last_seq, attempts) "
-    "VALUES (:id, :context_id, :owner, :state, 0, :ts, :ts, :metadata, 1, 0)"
+    "metadata, last_seq, attempts, lease_owner, lease_expires) VALUES (:id, :context_id, "
+    ":owner, :state, :version, :ts, :ts, {metadata}, :last_seq, :attempts, :lease_owner, "
+    ":lease_expires)"
 )
+INSERT_TASK = _NEW_TASK.format(metadata=":metadata")
 INSERT_MESSAGE = (
     "INSERT INTO messages (owner, message_id, task_id, context_id, role, body, created_at) "
     "VALUES (:owner, :message_id, :task_id, :context_id, :role, :body, :created_at)"
@@ -221,17 +223,23 @@ PG_CLAIM_FRESH = (
     f"e AS ({_STATUS_EVENT.format(id='id')}) "
     f"SELECT u.*, {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')} FROM u"
 )
-PG_SUBMIT = (
-    "WITH c AS (INSERT INTO contexts (id, owner, created_at) VALUES (:context_id, :owner, :ts)), "
-    "t AS (INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
-    "metadata, last_seq, attempts) VALUES (:id, :context_id, :owner, :state, 0, :ts, :ts, "
-    "CAST(:metadata AS jsonb), 1, 0)), "
-    "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
-    "created_at) VALUES (:owner, :message_id, :id, :context_id, :role, CAST(:body AS jsonb), "
-    ":ts)) "
-    "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
-    "VALUES (:id, 1, 'status', false, CAST(:payload AS jsonb), :ts)"
-)
+
+
+@functools.cache
+def pg_submit(started: bool) -> str:
+    """A new task in a new context, its first message and its first event (and with
+    ``started`` the claim's working event) in one statement."""
+    events = "(:id, 1, 'status', false, CAST(:payload AS jsonb), :ts)"
+    if started:
+        events += ", (:id, 2, 'status', false, CAST(:working AS jsonb), :ts)"
+    return (
+        "WITH c AS (INSERT INTO contexts (id, owner, created_at) VALUES (:context_id, :owner, "
+        f":ts)), t AS ({_NEW_TASK.format(metadata='CAST(:metadata AS jsonb)')}), "
+        "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
+        "created_at) VALUES (:owner, :message_id, :id, :context_id, :role, "
+        "CAST(:body AS jsonb), :ts)) "
+        f"INSERT INTO events (task_id, seq, kind, final, payload, created_at) VALUES {events}"
+    )
 
 
 # What a final transition returns besides the task's columns: its artifacts and whole

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from operator import itemgetter
 from typing import Any, NoReturn, TypeVar
 
@@ -44,6 +45,7 @@ from tether.store.base import (
     ListQuery,
     Operation,
     OperationState,
+    Start,
     Submitted,
 )
 from tether.store.common import (
@@ -330,7 +332,13 @@ class SqlStore(SqlEngine):
     # -- TaskStore ----------------------------------------------------------
 
     async def submit(
-        self, *, owner: str, message: JSON, context_id: str | None, metadata: JSON | None = None
+        self,
+        *,
+        owner: str,
+        message: JSON,
+        context_id: str | None,
+        metadata: JSON | None = None,
+        start: Start | None = None,
     ) -> Submitted:
         check_submit(owner, message, context_id)
         # Chosen once, outside the retried transaction: a retry that finds this id already
@@ -342,8 +350,16 @@ class SqlStore(SqlEngine):
             # unique constraint, and ``raced`` answers it (the common case pays nothing).
             ts = now()
             ctx = context_id or new_id()
+            task = _submitted(task_id, ctx, owner, metadata, ts, start)
+            stored = stamp(message, task_id, ctx)
+            task.history = [stored]
+            first = status_payload(task_id, ctx, TaskState.SUBMITTED, None, ts)
+            working = status_payload(task_id, ctx, TaskState.WORKING, None, ts) if start else None
             if context_id is None and db.dialect == "postgresql":
-                return await self._submit_pg(db, task_id, ctx, owner, message, metadata, ts)
+                await db.run(
+                    q.pg_submit(start is not None), _pg_submit(task, stored, first, working)
+                )
+                return _created(task, first, working)
             if context_id is None:
                 await db.run(q.INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
             # ON CONFLICT: two first messages of one new context may race to create it.
@@ -351,24 +367,12 @@ class SqlStore(SqlEngine):
                 ctx_owner = await db.first(q.CONTEXT_OWNER, {"id": ctx})
                 if ctx_owner is None or ctx_owner[0] != owner:
                     raise ContextMismatch(f"contextId {ctx} belongs to another principal")
-            task = _submitted(task_id, ctx, owner, metadata, ts)
-            await db.run(
-                q.INSERT_TASK,
-                {
-                    "id": task_id,
-                    "context_id": ctx,
-                    "owner": owner,
-                    "state": task.state.value,
-                    "ts": ts,
-                    "metadata": dumps(metadata),
-                },
-            )
-            stored = stamp(message, task.id, ctx)
+            await db.run(q.INSERT_TASK, _task_values(task))
             await self._message(db, owner, stored)
-            task.history = [stored]
-            payload = status_payload(task.id, ctx, task.state, None, ts)
-            event = await self._event(db, task.id, 1, "status", payload, False)
-            return Submitted(task, True, event)
+            await self._event(db, task_id, 1, "status", first, False, created_at=ts)
+            if working is not None:
+                await self._event(db, task_id, 2, "status", working, False, created_at=ts)
+            return _created(task, first, working)
 
         async def stored(db: Db) -> Submitted | None:
             """What the messageId points at, if anything (a commit of ours of unknown
@@ -376,7 +380,12 @@ class SqlStore(SqlEngine):
             seen = await self._seen(db, owner, message["messageId"])
             if seen is None:
                 return None
-            return await self._existing(db, owner, seen, mine=seen == task_id)
+            found = await self._existing(db, owner, seen, mine=seen == task_id)
+            if start is None or found.task.lease_owner != start.worker or not found.created:
+                return found
+            # Ours, and still leased to the worker it was started for: it runs it.
+            started = await self._events(db, task_id, 1, limit=1)
+            return replace(found, started=Claim(found.task, started))
 
         async def raced() -> Submitted:
             """The messageId was used before, or a commit of ours of unknown outcome landed."""
@@ -390,32 +399,6 @@ class SqlStore(SqlEngine):
         return await self._write(
             op, idempotent=True, on_conflict=raced, recover=stored if single else None
         )
-
-    @staticmethod
-    async def _submit_pg(
-        db: Db, task_id: str, ctx: str, owner: str, message: JSON, metadata: JSON | None, ts: float
-    ) -> Submitted:
-        """A new task in a new context, as one statement."""
-        task = _submitted(task_id, ctx, owner, metadata, ts)
-        stored = stamp(message, task_id, ctx)
-        task.history = [stored]
-        payload = status_payload(task_id, ctx, task.state, None, ts)
-        await db.run(
-            q.PG_SUBMIT,
-            {
-                "id": task_id,
-                "context_id": ctx,
-                "owner": owner,
-                "ts": ts,
-                "state": task.state.value,
-                "metadata": dumps(metadata),
-                "message_id": message["messageId"],
-                "role": message.get("role", "ROLE_USER"),
-                "body": dumps(stored),
-                "payload": dumps(payload),
-            },
-        )
-        return Submitted(task, True, TaskEvent(task_id, 1, "status", payload, False))
 
     async def _existing(self, db: Db, owner: str, task_id: str, *, mine: bool) -> Submitted:
         task = await self._load(db, task_id, owner)
@@ -885,10 +868,16 @@ def _operation(row: Sequence[Any]) -> Operation:
 
 
 def _submitted(
-    task_id: str, context_id: str, owner: str, metadata: JSON | None, ts: float
+    task_id: str,
+    context_id: str,
+    owner: str,
+    metadata: JSON | None,
+    ts: float,
+    start: Start | None,
 ) -> TaskRecord:
-    """A task as its submit stores it (history and event added by the caller)."""
-    return TaskRecord(
+    """A task as its submit stores it (history added by the caller): submitted, or
+    with ``start`` working, leased, on its first attempt, its second event written."""
+    task = TaskRecord(
         id=task_id,
         context_id=context_id,
         owner=owner,
@@ -898,6 +887,50 @@ def _submitted(
         metadata=metadata,
         last_seq=1,
     )
+    if start is not None:
+        task.state, task.version, task.last_seq, task.attempts = TaskState.WORKING, 1, 2, 1
+        task.lease_owner, task.lease_expires = start.worker, ts + start.lease_seconds
+    return task
+
+
+def _task_values(task: TaskRecord) -> dict[str, Any]:
+    """``q.INSERT_TASK``'s parameters."""
+    return {
+        "id": task.id,
+        "context_id": task.context_id,
+        "owner": task.owner,
+        "state": task.state.value,
+        "version": task.version,
+        "ts": task.created_at,
+        "metadata": dumps(task.metadata),
+        "last_seq": task.last_seq,
+        "attempts": task.attempts,
+        "lease_owner": task.lease_owner,
+        "lease_expires": task.lease_expires,
+    }
+
+
+def _pg_submit(task: TaskRecord, stored: JSON, first: JSON, working: JSON | None) -> dict[str, Any]:
+    """``q.pg_submit``'s parameters."""
+    values = {
+        **_task_values(task),
+        "message_id": stored["messageId"],
+        "role": stored.get("role", "ROLE_USER"),
+        "body": dumps(stored),
+        "payload": dumps(first),
+    }
+    if working is not None:
+        values["working"] = dumps(working)
+    return values
+
+
+def _created(task: TaskRecord, first: JSON, working: JSON | None) -> Submitted:
+    """What a submit that created ``task`` returns: with ``working``, its claim too."""
+    submitted = TaskEvent(task.id, 1, "status", first, False)
+    if working is None:
+        return Submitted(task, True, submitted)
+    started = TaskEvent(task.id, 2, "status", working, False)
+    return Submitted(task, True, submitted, Claim(replace(task), [started]))
 
 
 def _with_children(row: Sequence[Any], dialect: str) -> TaskRecord:

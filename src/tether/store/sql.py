@@ -102,30 +102,14 @@ class SqlStore(SqlEngine):
         *,
         owner: str | None = None,
         lease_owner: str | None = None,
-    ) -> tuple[int, str, str]:
-        """The compare-and-set: bump ``last_seq`` where the guard holds, or say why not.
-
-        ``sets`` are ``column = expression`` fragments; ``params`` their values.
-        """
-        row = await self._bump_row(
-            db, task_id, wanted, states, sets, params, owner=owner, lease_owner=lease_owner
-        )
-        return int(row[0]), str(row[1]), str(row[2])
-
-    async def _bump_row(
-        self,
-        db: Db,
-        task_id: str,
-        wanted: TaskState,
-        states: Sequence[str],
-        sets: tuple[str, ...],
-        params: dict[str, Any],
-        *,
-        owner: str | None,
-        lease_owner: str | None,
         whole: bool = False,
     ) -> Row:
-        """``_bump``'s row; ``whole``: the task as ``SQLITE_LOAD`` reads it (SQLite)."""
+        """The compare-and-set: bump ``last_seq`` where the guard holds, or say why not.
+
+        ``sets`` are ``column = expression`` fragments; ``params`` their values. The row
+        is ``last_seq, context_id, owner``, or with ``whole`` the task as ``SQLITE_LOAD``
+        reads it (SQLite).
+        """
         sql = q.bump(
             sets, tuple(states), owner is not None, lease_owner is not None, whole, q.SQLITE_WHOLE
         )
@@ -239,7 +223,7 @@ class SqlStore(SqlEngine):
             return await self._set_state_pg(
                 db, task_id, to, message, sets, values, owner, lease_owner, whole
             )
-        row = await self._bump_row(
+        row = await self._bump(
             db, task_id, to, allowed, sets, values, owner=owner, lease_owner=lease_owner,
             whole=whole,
         )  # fmt: skip
@@ -549,7 +533,7 @@ class SqlStore(SqlEngine):
     async def update_status(self, task_id: str, message: JSON, *, lease_owner: str) -> TaskEvent:
         async def op(db: Db) -> TaskEvent:
             ts = now()
-            seq, context_id, _ = await self._bump(
+            bumped = await self._bump(
                 db,
                 task_id,
                 TaskState.WORKING,
@@ -558,6 +542,7 @@ class SqlStore(SqlEngine):
                 {"ts": ts, "status_message": dumps(message)},
                 lease_owner=lease_owner,
             )
+            seq, context_id = int(bumped[0]), str(bumped[1])
             payload = status_payload(task_id, context_id, TaskState.WORKING, message, ts)
             return await self._event(db, task_id, seq, "status", payload, False)
 
@@ -575,9 +560,10 @@ class SqlStore(SqlEngine):
         check_artifact(artifact)
 
         async def op(db: Db) -> TaskEvent:
-            seq, context_id, _ = await self._bump(
+            bumped = await self._bump(
                 db, task_id, TaskState.WORKING, q.WORKING, (), {}, lease_owner=lease_owner
             )
+            seq, context_id = int(bumped[0]), str(bumped[1])
             key = {"task_id": task_id, "artifact_id": artifact["artifactId"]}
             existing = await db.first(q.ARTIFACT, key)
             if existing is None:

@@ -117,9 +117,12 @@ _SQLITE_CHILDREN = (
     "(SELECT group_concat('[' || seq || ',' || body || ']') FROM (SELECT seq, body "
     "FROM messages WHERE task_id = :id ORDER BY seq DESC LIMIT :n))"
 )
-SQLITE_LOAD = f"SELECT {TASK_COLUMNS}, {_SQLITE_CHILDREN} FROM tasks WHERE id = :id"
+# What a claim or a final transition returns after the task's columns (``:n`` -1: the
+# whole history), as it was before the statement (a message it adds is not among them).
+SQLITE_WHOLE = f", {_SQLITE_CHILDREN}"
+SQLITE_LOAD = f"SELECT {TASK_COLUMNS}{SQLITE_WHOLE} FROM tasks WHERE id = :id"
 SQLITE_LOAD_OF_OWNER = SQLITE_LOAD + " AND owner = :owner"
-SQLITE_CLAIM_FRESH = f"{CLAIM_FRESH}, {_SQLITE_CHILDREN}"
+SQLITE_CLAIM_FRESH = f"{CLAIM_FRESH}{SQLITE_WHOLE}"
 CLAIM = (
     "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
     "attempts = attempts + 1 "
@@ -218,10 +221,12 @@ _STATUS_EVENT = (
     "'taskId', {id}, 'contextId', context_id, 'status', CAST(:status AS jsonb)), "
     "CAST(:created AS double precision) FROM u"
 )
+# ``SQLITE_WHOLE`` on PostgreSQL, for the task updated by a statement's ``u``.
+_PG_WHOLE = f", {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')}"
 PG_CLAIM_FRESH = (
     f"WITH u AS ({CLAIM_FRESH}), "
     f"e AS ({_STATUS_EVENT.format(id='id')}) "
-    f"SELECT u.*, {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')} FROM u"
+    f"SELECT u.*{_PG_WHOLE} FROM u"
 )
 
 
@@ -240,12 +245,6 @@ def pg_submit(started: bool) -> str:
         "CAST(:body AS jsonb), :ts)) "
         f"INSERT INTO events (task_id, seq, kind, final, payload, created_at) VALUES {events}"
     )
-
-
-# What a final transition returns besides the task's columns: its artifacts and whole
-# history, as they were before the statement (the message it adds is not among them).
-SQLITE_WHOLE = f", {_SQLITE_CHILDREN}"
-_PG_WHOLE = f", {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')}"
 
 
 @functools.cache

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from storekit import OWNER, S, cas_process, new_task, truncate
+from storekit import OWNER, S, cas_process, new_task, truncate, user_msg
 
+from tether.core.errors import InvalidInput
 from tether.core.states import TaskState, can_transition
+from tether.store.base import ListQuery, Submitted
 from tether.store.schema import events, messages
 from tether.store.sql import SqlStore
 
@@ -130,3 +132,46 @@ def test_processes_contend_for_transitions(migrated_postgres_url: str) -> None:
             # the task may have moved to another allowed state in between (checked legal
             # above), so only the target is the winner's own.
             assert to == TaskState.from_wire(payload["status"]["state"]).value
+
+
+async def test_concurrent_writes_share_commits_and_answer_alone(pg_store: SqlStore) -> None:
+    """Writes that arrive together share transactions (``pg_batch``), yet each answers
+    what it would alone: a repeated messageId finds its first task, a refused value is
+    refused, and neither undoes the others."""
+    originals = [user_msg(f"m{i}") for i in range(24)]
+    repeats = [dict(m) for m in originals[::4]]
+    refused = user_msg("nul \x00 here")
+    calls = [*originals, *repeats, refused]
+    async with asyncio.timeout(DEADLINE):
+        results = await asyncio.gather(
+            *(pg_store.submit(owner=OWNER, message=m, context_id=None) for m in calls),
+            return_exceptions=True,
+        )
+    *answers, bad = results
+    assert isinstance(bad, InvalidInput)
+    by_message: dict[str, set[str]] = defaultdict(set)
+    for message, answer in zip(calls, answers, strict=False):
+        assert isinstance(answer, Submitted), answer
+        by_message[message["messageId"]].add(answer.task.id)
+    assert all(len(ids) == 1 for ids in by_message.values())
+    assert sum(isinstance(a, Submitted) and a.created for a in answers) == len(originals)
+    page = await pg_store.list_tasks(ListQuery(owner=OWNER, page_size=1))
+    assert page.total_size == len(originals)
+
+    # Rows written by one transaction share its id (xmin): fewer ids than tasks.
+    pool = await pg_store._connections()
+    transactions = await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM tasks")
+    assert 1 <= transactions < len(originals)
+
+    # Each task goes on alone as before: claimed, finished, its log gap-free.
+    tasks = [a.task for a in answers if isinstance(a, Submitted) and a.created]
+    claims = await asyncio.gather(
+        *(pg_store.claim(t.id, "w", lease_seconds=60, max_attempts=1) for t in tasks)
+    )
+    assert all(c is not None and c.task is not None for c in claims)
+    finals = await asyncio.gather(
+        *(pg_store.transition(t.id, S.COMPLETED, lease_owner="w") for t in tasks)
+    )
+    assert {e.seq for e in finals} == {3}
+    for t in tasks:
+        assert [e.seq for e in await pg_store.events_after(t.id, 0)] == [1, 2, 3]

@@ -247,6 +247,7 @@ class CommitCutter:
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.mode: str | None = None
+        self.explicit = False
         self.cuts = 0
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[None]] = set()
@@ -262,8 +263,10 @@ class CommitCutter:
             pump.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
 
-    def arm(self, mode: str) -> None:
+    def arm(self, mode: str, *, explicit: bool = False) -> None:
+        """``explicit``: only a COMMIT statement counts (a batch's, or a transaction's)."""
         self.mode = mode
+        self.explicit = explicit
 
     async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection(*self.target)
@@ -278,7 +281,7 @@ class CommitCutter:
 
         async def upstream() -> None:
             while data := await cr.read(65536):
-                if self.mode is not None and _commits(data, status[0]):
+                if self.mode is not None and _commits(data, status[0], self.explicit):
                     mode, self.mode = self.mode, None
                     if mode == "before":
                         cut()
@@ -308,11 +311,11 @@ class CommitCutter:
         self._pumps.difference_update(pumps)
 
 
-def _commits(data: bytes, status: bytes) -> bool:
-    """Whether ``data`` from the client ends a write: a COMMIT, or a statement executed
-    outside a transaction (autocommit: the statement is its own commit)."""
+def _commits(data: bytes, status: bytes, explicit: bool) -> bool:
+    """Whether ``data`` from the client ends a write: a COMMIT, or (unless ``explicit``)
+    a statement executed outside a transaction (autocommit: its own commit)."""
     execute = b"E\x00\x00\x00\x09\x00"  # Execute of the unnamed portal, no row limit
-    return b"COMMIT" in data or (status == b"I" and execute in data)
+    return b"COMMIT" in data or (not explicit and status == b"I" and execute in data)
 
 
 @pytest.fixture
@@ -390,6 +393,43 @@ async def test_lost_commit_is_applied_exactly_once(
         await store.close()
 
 
+@pytest.mark.parametrize("mode", ["after", "before"])
+async def test_lost_commit_of_a_batch_is_applied_exactly_once(
+    cutter: tuple[CommitCutter, str], mode: str
+) -> None:
+    """Writes that shared a COMMIT whose outcome was lost: each is answered once and
+    stored once (its own check after the lost commit, as if it had been alone)."""
+    proxy, url = cutter
+    store = SqlStore(url, run_migrations=False)
+    await store.start()
+    try:
+        tasks = [await new_task(store, text=f"t{i}") for i in range(12)]
+        # A lone new task runs in autocommit; only a batch (or a transaction) says COMMIT.
+        proxy.arm(mode, explicit=True)
+        async with asyncio.timeout(DEADLINE):
+            claims = await asyncio.gather(
+                *(store.claim(t.id, WORKER, lease_seconds=60, max_attempts=1) for t in tasks)
+            )
+            subs = await asyncio.gather(
+                *(
+                    store.submit(owner=OWNER, message=user_msg(f"n{i}"), context_id=None)
+                    for i in range(12)
+                )
+            )
+        assert proxy.cuts == 1, "no COMMIT was cut"
+        assert all(c is not None and c.task is not None for c in claims)
+        assert all([e.seq for e in c.events] == [2] for c in claims if c is not None)
+        assert all(s.created for s in subs)
+        assert len({s.task.id for s in subs}) == 12
+        assert (await store.list_tasks(ListQuery(owner=OWNER))).total_size == 24
+        for t in tasks:
+            stored = await store.get_task(OWNER, t.id)
+            assert stored.state is S.WORKING and stored.attempts == 1
+            assert [e.seq for e in await store.events_after(t.id, 0)] == [1, 2]
+    finally:
+        await store.close()
+
+
 async def test_serialization_failures_are_retried(
     own_db: str, admin: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -399,18 +439,23 @@ async def test_serialization_failures_are_retried(
     await admin.execute(
         f'ALTER DATABASE "{database}" SET default_transaction_isolation TO serializable'
     )
-    store = SqlStore(own_db, run_migrations=False, pool_size=16)
-    await store.start()
+    # One store runs its writes in turn, in shared transactions (``pg_batch``): the
+    # racers are stores of their own, as separate processes would be.
+    stores = [SqlStore(own_db, run_migrations=False, pool_size=2) for _ in range(16)]
+    for one in stores:
+        await one.start()
+    store = stores[0]
     try:
         task = await new_task(store)
         await store.transition(task.id, S.WORKING)
-        # Open the pool's connections first, so the 16 updates below really race
+        # Open the pools' connections first, so the 16 updates below really race
         # (connection set-up would otherwise stagger them into a queue).
-        await asyncio.gather(*(store.get_task(None, task.id) for _ in range(16)))
+        await asyncio.gather(*(one.get_task(None, task.id) for one in stores))
         targets = [S.COMPLETED, S.FAILED, S.CANCELED, S.REJECTED] * 4
         async with asyncio.timeout(DEADLINE):
             results = await asyncio.gather(
-                *(store.transition(task.id, to) for to in targets), return_exceptions=True
+                *(one.transition(task.id, to) for one, to in zip(stores, targets, strict=True)),
+                return_exceptions=True,
             )
         winners = [r for r in results if not isinstance(r, BaseException)]
         assert len(winners) == 1
@@ -419,7 +464,8 @@ async def test_serialization_failures_are_retried(
         assert seqs == [1, 2, 3]
         assert any("could not serialize" in r.getMessage() for r in caplog.records)
     finally:
-        await store.close()
+        for one in stores:
+            await one.close()
 
 
 async def test_deadlock_victim_is_retried(

@@ -2,8 +2,8 @@
 
 SQLite: one connection writes, through ``GroupCommit``, and reads between its
 transactions (a read of several statements in a read transaction of its own).
-PostgreSQL: an asyncpg pool; each write is one transaction, each read runs its
-statements in autocommit. SQLAlchemy's engine serves the schema's migrations only
+PostgreSQL: an asyncpg pool; concurrent writes share transactions through
+``PgGroupCommit``, a lone one is its own, each read runs its statements in autocommit. SQLAlchemy's engine serves the schema's migrations only
 (``tether db``, and start-up).
 
 Every driver error is translated here, once: transient ones (a dropped connection,
@@ -22,7 +22,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import asyncpg
 
@@ -33,6 +33,7 @@ from tether.core.errors import (
 )
 from tether.store.sql_exec import (
     BadValue,
+    CommitUnknown,
     Conflict,
     Db,
     DriverError,
@@ -40,10 +41,12 @@ from tether.store.sql_exec import (
     SqliteDb,
     pg_error,
     sqlite_pragmas,
+    terminate,
 )
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
+from tether.store.pg_batch import PgGroupCommit
 from tether.store.sqlite_batch import GroupCommit
 
 log = logging.getLogger("tether.store")
@@ -83,15 +86,6 @@ def _checking(verify: Verify[T], result: T) -> Op[bool]:
     return lambda db: verify(db, result)
 
 
-class _CommitUnknown(Exception):
-    """The connection broke while COMMIT was in flight: the write may or may not be stored."""
-
-    def __init__(self, cause: BaseException, result: object) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.result = result  # what the transaction would have returned, had it committed
-
-
 class SqlEngine:
     def __init__(
         self,
@@ -114,6 +108,7 @@ class SqlEngine:
         self._pool_timeout = pool_timeout
         self._lock_file: int | None = None
         self._batch: GroupCommit | None = None
+        self._pg_batch: PgGroupCommit | None = None
         self._reader: SqliteDb | None = None
         self._pool: asyncpg.Pool | None = None
         self._engine: AsyncEngine | None = None
@@ -170,6 +165,9 @@ class SqlEngine:
         if self._reader is not None:
             self._reader.conn.close()
             self._reader = None
+        if self._pg_batch is not None:
+            await self._pg_batch.close()
+            self._pg_batch = None
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), self._pool_timeout)
@@ -286,7 +284,7 @@ class SqlEngine:
                     raise pg_error(raw) from raw
             except (TetherError, Conflict):
                 raise
-            except _CommitUnknown as exc:
+            except CommitUnknown as exc:
                 cause = exc.cause
                 if recover is not None:
                     try:
@@ -355,13 +353,13 @@ class SqlEngine:
                 try:
                     await xact.rollback()
                 except Exception:
-                    _terminate(conn)
+                    terminate(conn)
                 raise
             try:
                 await xact.commit()
             except Exception as exc:
-                _terminate(conn)
-                raise _CommitUnknown(pg_error(exc), result) from exc
+                terminate(conn)
+                raise CommitUnknown(pg_error(exc), result) from exc
             return result
 
     async def _write(
@@ -376,9 +374,9 @@ class SqlEngine:
         """One transaction. ``idempotent``: repeating ``op`` after an unknown commit is safe;
         ``verify``: how to tell whether such a commit landed (see ``_retrying``).
 
-        ``recover``: ``op`` writes with one statement on PostgreSQL, so it runs without
-        BEGIN and COMMIT (two round trips, a quarter of a task's cost there); after a lost
-        reply ``recover`` finds what it wrote, or None when it did not land.
+        ``recover``: ``op`` writes with one statement on PostgreSQL, so alone it runs
+        without BEGIN and COMMIT (two round trips, a quarter of a task's cost there); after
+        a lost reply ``recover`` finds what it wrote, or None when it did not land.
 
         ``on_conflict`` answers a unique-constraint race lost to a concurrent writer;
         without it a conflict is the caller's bad input.
@@ -387,9 +385,7 @@ class SqlEngine:
         async def once() -> T:
             if self.dialect == "sqlite":
                 return await self._writer().run(op)
-            if recover is not None:
-                return await self._statement(op)
-            return await self._transaction(op)
+            return await self._pg_writer().run(op, single=recover is not None)
 
         try:
             return await self._retrying(once, idempotent=idempotent, verify=verify, recover=recover)
@@ -397,6 +393,16 @@ class SqlEngine:
             if on_conflict is None:
                 raise InvalidInput(f"conflicts with stored data: {_reason(exc)}") from exc
             return await on_conflict()
+
+    def _pg_writer(self) -> PgGroupCommit:
+        if self._pg_batch is None:
+            self._pg_batch = PgGroupCommit(self._connections, self._pool_timeout, self._alone)
+        return self._pg_batch
+
+    async def _alone(self, op: Op[T], single: bool) -> T:
+        """One write transaction by itself; ``single``: ``op`` is one statement, run
+        without BEGIN and COMMIT."""
+        return await (self._statement(op) if single else self._transaction(op))
 
     async def _statement(self, op: Op[T]) -> T:
         """``op``'s one write statement, in autocommit (PostgreSQL)."""
@@ -406,13 +412,13 @@ class SqlEngine:
                 return await op(PgDb(conn))
             except DriverError as exc:
                 if exc.disconnected:
-                    _terminate(conn)
-                    raise _CommitUnknown(exc, None) from exc
+                    terminate(conn)
+                    raise CommitUnknown(exc, None) from exc
                 raise
             except TimeoutError as exc:
                 # The server did not answer in time: the statement may still run and commit.
-                _terminate(conn)
-                raise _CommitUnknown(exc, None) from exc
+                terminate(conn)
+                raise CommitUnknown(exc, None) from exc
 
     async def _read(self, op: Op[T], *, one_statement: bool = False) -> T:
         """``op``'s reads, which see one snapshot. ``one_statement``: ``op`` runs one
@@ -439,13 +445,6 @@ class SqlEngine:
                     db.execute("ROLLBACK")
 
         return await self._retrying(shared if self.dialect == "sqlite" else pooled)
-
-
-def _terminate(conn: Any) -> None:
-    """Closes a broken connection (the pool replaces it), so that giving it back cannot
-    fail in turn and hide why it broke."""
-    with contextlib.suppress(asyncpg.InterfaceError):
-        conn.terminate()
 
 
 async def _rollback_if_open(conn: asyncpg.Connection) -> None:

@@ -14,6 +14,7 @@ what the engine needs to decide between retrying, refusing and giving up.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sqlite3
@@ -46,6 +47,15 @@ class Conflict(DriverError):
 
 class BadValue(DriverError):
     """The database refused a value (SQLSTATE class 22)."""
+
+
+class CommitUnknown(Exception):
+    """The connection broke while COMMIT was in flight: the write may or may not be stored."""
+
+    def __init__(self, cause: BaseException, result: object) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.result = result  # what the transaction would have returned, had it committed
 
 
 class Db(Protocol):
@@ -160,6 +170,13 @@ def pg_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError):
         return DriverError(exc, disconnected=True)
     return exc
+
+
+def terminate(conn: Any) -> None:
+    """Closes a broken asyncpg connection (its pool replaces it), so that giving it back
+    cannot fail in turn and hide why it broke."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 def in_list(name: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,168 @@
+"""Group commit for the PostgreSQL store: concurrent write transactions share one COMMIT.
+
+A task's write statement costs PostgreSQL more for its own commit and round trips
+than for its rows: measured here, a submit alone ~0.35-0.43 ms of the server's CPU,
+sixteen of them in one transaction ~0.2 ms each. So while ``FLUSHERS`` writes or
+batches are in flight, the writes that arrive wait, and go together: one BEGIN, each
+transaction's statements in turn, one COMMIT. A write that finds a flusher free runs
+alone, as it would without this (a lone statement in autocommit), so a quiet server
+waits for nothing.
+
+A transaction that raises inside a batch leaves PostgreSQL's transaction aborted,
+whatever it wrote: the batch is rolled back and run again without it, and it runs
+alone once the batch has committed, so that it answers what it would have answered
+alone (a repeated messageId finds the first one committed). A batch whose
+connection breaks before its COMMIT wrote nothing: every caller gets the error and
+may retry. One whose COMMIT gets no answer may or may not have landed: every caller
+gets ``CommitUnknown`` with its own result and checks it as it would alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from tether.store.sql_exec import CommitUnknown, Db, DriverError, PgDb, pg_error, terminate
+
+T = TypeVar("T")
+Op = Callable[[Db], Awaitable[T]]
+Alone = Callable[[Op[Any], bool], Awaitable[Any]]
+
+# Writes in flight at once, alone or in batches: two keep a connection busy while the
+# other commits; more would leave fewer writes to share each commit.
+FLUSHERS = 2
+# Bounds how long the first caller of a batch waits behind the others.
+MAX_BATCH = 64
+
+
+@dataclass(slots=True)
+class _Write:
+    op: Op[Any]
+    single: bool  # one statement: alone, it runs in autocommit
+    fut: asyncio.Future[Any]
+
+
+class PgGroupCommit:
+    """Runs write transactions on connections of ``connect()``'s pool; ``alone`` runs
+    one by itself (``single``: in autocommit), as the store would without batches."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Pool]],
+        timeout: float,
+        alone: Alone,
+    ) -> None:
+        self._connect = connect
+        self._timeout = timeout
+        self._alone = alone
+        self._pending: list[_Write] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+
+    async def run(self, op: Op[T], *, single: bool) -> T:
+        """``op``'s result once its transaction has committed, or what it raised."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(op, single, fut))
+        if len(self._flushers) < FLUSHERS:
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        return await fut
+
+    async def close(self) -> None:
+        if self._flushers:
+            await asyncio.wait(self._flushers, timeout=5.0)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            taken = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            # A caller cancelled before its turn gets nothing written.
+            batch = [w for w in taken if not w.fut.cancelled()]
+            if len(batch) == 1:
+                await self._run_alone(batch[0])
+            elif batch:
+                await self._together(batch)
+
+    async def _run_alone(self, write: _Write) -> None:
+        try:
+            result = await self._alone(write.op, write.single)
+        except Exception as exc:
+            _fail(write, exc)
+        except BaseException:
+            write.fut.cancel()
+            raise
+        else:
+            _settle(write, result)
+
+    async def _together(self, batch: list[_Write]) -> None:
+        running = batch
+        after: list[_Write] = []
+        try:
+            pool = await self._connect()
+            async with pool.acquire(timeout=self._timeout) as conn:
+                try:
+                    while running:
+                        failed = await self._attempt(conn, running)
+                        if failed is None:
+                            break
+                        after.append(failed)
+                        running = [w for w in running if w is not failed]
+                except BaseException:
+                    # Gone, timed out or interrupted before COMMIT: the server rolls
+                    # the transaction back when the connection closes.
+                    terminate(conn)
+                    raise
+        except Exception as exc:
+            for write in running:
+                _fail(write, exc)
+        except BaseException:
+            for write in (*running, *after):
+                write.fut.cancel()
+            raise
+        for write in after:
+            await self._run_alone(write)
+
+    async def _attempt(self, conn: asyncpg.Connection, running: list[_Write]) -> _Write | None:
+        """Runs ``running`` in one transaction and commits it, settling every caller; or,
+        when one raises, rolls it back and returns that one (no caller settled)."""
+        db = PgDb(conn)
+        await conn.execute("BEGIN")
+        results: list[Any] = []
+        for write in running:
+            try:
+                results.append(await write.op(db))
+            except DriverError as exc:
+                if exc.disconnected:
+                    raise
+                await conn.execute("ROLLBACK")
+                return write
+            except TimeoutError:
+                raise
+            except Exception:
+                await conn.execute("ROLLBACK")
+                return write
+        try:
+            await conn.execute("COMMIT")
+        except Exception as exc:
+            terminate(conn)
+            cause = pg_error(exc)
+            for write, result in zip(running, results, strict=True):
+                _fail(write, CommitUnknown(cause, result))
+            return None
+        for write, result in zip(running, results, strict=True):
+            _settle(write, result)
+        return None
+
+
+def _settle(write: _Write, result: Any) -> None:
+    if not write.fut.done():
+        write.fut.set_result(result)
+
+
+def _fail(write: _Write, exc: BaseException) -> None:
+    if not write.fut.done():
+        write.fut.set_exception(exc)

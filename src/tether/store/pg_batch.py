@@ -32,9 +32,10 @@ T = TypeVar("T")
 Op = Callable[[Db], Awaitable[T]]
 Alone = Callable[[Op[Any], bool], Awaitable[Any]]
 
-# Writes in flight at once, alone or in batches: two keep a connection busy while the
-# other commits; more would leave fewer writes to share each commit.
-FLUSHERS = 2
+# Writes in flight at once, alone or in batches. Fewer share more commits but wait in
+# line longer: in the redis-mode bench (64 clients) 1, 2 and 4 gave 616-768, 743-815
+# and 780-932 tasks/s for the same CPU per task; 8 no more than 4, for more CPU.
+FLUSHERS = 4
 # Bounds how long the first caller of a batch waits behind the others.
 MAX_BATCH = 64
 

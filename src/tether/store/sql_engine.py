@@ -3,8 +3,9 @@
 SQLite: one connection writes, through ``GroupCommit``, and reads between its
 transactions (a read of several statements in a read transaction of its own).
 PostgreSQL: an asyncpg pool; concurrent writes share transactions through
-``PgGroupCommit``, a lone one is its own, each read runs its statements in autocommit. SQLAlchemy's engine serves the schema's migrations only
-(``tether db``, and start-up).
+``PgGroupCommit`` (a lone one is its own), each read runs its statements in
+autocommit. SQLAlchemy's engine serves the schema's migrations only (``tether db``,
+and start-up).
 
 Every driver error is translated here, once: transient ones (a dropped connection,
 a restarted server, a serialization failure or deadlock) are retried with bounded

@@ -361,28 +361,35 @@ class Runtime:
             self.parking.discard(task_id)
 
     async def _invoke(self, ctx: Context) -> Any:
-        fn = self.agent.fn
         limit = self.agent.timeout
+        if limit is None:
+            # No timeout scope without a deadline: entering one reads the running loop,
+            # a getpid(2) per task on Python 3.11.
+            return await self._call(ctx)
         try:
             async with asyncio.timeout(limit) as deadline:
-                if inspect.isasyncgenfunction(fn):
-                    return await self._drain(fn(ctx), ctx)
-                if inspect.iscoroutinefunction(fn):
-                    return await fn(ctx)
-                loop = asyncio.get_running_loop()
-                # Sync handlers block; they get a thread of their own pool, never the loop.
-                result = await loop.run_in_executor(self._threads, fn, ctx)
-                if inspect.isawaitable(result):
-                    # An async handler that does not look like one (an object with an
-                    # async __call__, a plain wrapper around a coroutine function).
-                    return await result
-                return result
+                return await self._call(ctx)
         except TimeoutError:
             # Only our own deadline is a timeout of the task; a TimeoutError the
             # handler let escape (an HTTP call of its own, say) is an ordinary failure.
             if deadline.expired():
                 raise HandlerError(f"Timed out after {limit}s") from None
             raise
+
+    async def _call(self, ctx: Context) -> Any:
+        fn = self.agent.fn
+        if inspect.isasyncgenfunction(fn):
+            return await self._drain(fn(ctx), ctx)
+        if inspect.iscoroutinefunction(fn):
+            return await fn(ctx)
+        loop = asyncio.get_running_loop()
+        # Sync handlers block; they get a thread of their own pool, never the loop.
+        result = await loop.run_in_executor(self._threads, fn, ctx)
+        if inspect.isawaitable(result):
+            # An async handler that does not look like one (an object with an
+            # async __call__, a plain wrapper around a coroutine function).
+            return await result
+        return result
 
     async def _drain(self, gen: Any, ctx: Context) -> Any:
         """An async-generator handler: each yield is the next chunk of one artifact."""

@@ -181,8 +181,10 @@ class TaskService:
                 final = await self._settle(req.owner, task, watch)
                 if final is not None and final.task is not None:
                     # The task as its outcome left it, read with that write: no second read.
+                    # Nothing changes it once it is written, so it is copied only to trim.
                     done = final.task
-                    return replace(done, history=trim_history(done.history, req.history_length))
+                    history = trim_history(done.history, req.history_length)
+                    return done if history is done.history else replace(done, history=history)
         return await self.store.get_task(req.owner, task.id, req.history_length)
 
     async def _settle(

@@ -39,14 +39,19 @@ class GroupCommit:
         self.db = db
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the open batch's
 
     async def run(self, op: Op[T]) -> T:
         """``op``'s result once its transaction has committed, or what it raised."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, fut))
-        if self._flusher is None:
+        loop = self._loop
+        if loop is None:
+            # The loop is looked up once per batch, not once per write: on Python 3.11
+            # each look-up is a getpid(2). A batch's callers all run on its loop.
+            loop = self._loop = asyncio.get_running_loop()
             # Scheduled, not run: the callers already runnable in this turn join the batch.
-            self._flusher = asyncio.create_task(self._flush())
+            self._flusher = loop.create_task(self._flush())
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pending.append((op, fut))
         return await fut
 
     async def close(self) -> None:
@@ -70,6 +75,7 @@ class GroupCommit:
                     await self._commit(batch)
         finally:
             self._flusher = None
+            self._loop = None
 
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
         db = self.db

@@ -98,6 +98,24 @@ INSERT_EVENT = (
     "INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
     "VALUES (:task_id, :seq, :kind, :final, :payload, :created_at)"
 )
+# A new task's events, in one statement: submitted, and when its submit started it,
+# working (``:payload`` and ``:working``, both stamped ``:ts``).
+_SUBMIT_EVENTS = "(:id, 1, 'status', {false}, {payload}, :ts)"
+_STARTED_EVENT = ", (:id, 2, 'status', {false}, {working}, :ts)"
+
+
+@functools.cache
+def submit_events(started: bool, dialect: str) -> str:
+    rows = _SUBMIT_EVENTS + (_STARTED_EVENT if started else "")
+    if dialect == "postgresql":
+        rows = rows.format(
+            false="false", payload="CAST(:payload AS jsonb)", working="CAST(:working AS jsonb)"
+        )
+    else:
+        rows = rows.format(false="0", payload=":payload", working=":working")
+    return f"INSERT INTO events (task_id, seq, kind, final, payload, created_at) VALUES {rows}"
+
+
 assert TaskState.SUBMITTED in allowed_from(TaskState.WORKING)
 CLAIM_FRESH = (
     "UPDATE tasks SET lease_owner = :worker, lease_expires = :expires, "
@@ -234,16 +252,13 @@ PG_CLAIM_FRESH = (
 def pg_submit(started: bool) -> str:
     """A new task in a new context, its first message and its first event (and with
     ``started`` the claim's working event) in one statement."""
-    events = "(:id, 1, 'status', false, CAST(:payload AS jsonb), :ts)"
-    if started:
-        events += ", (:id, 2, 'status', false, CAST(:working AS jsonb), :ts)"
     return (
         "WITH c AS (INSERT INTO contexts (id, owner, created_at) VALUES (:context_id, :owner, "
         f":ts)), t AS ({_NEW_TASK.format(metadata='CAST(:metadata AS jsonb)')}), "
         "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
         "created_at) VALUES (:owner, :message_id, :id, :context_id, :role, "
         "CAST(:body AS jsonb), :ts)) "
-        f"INSERT INTO events (task_id, seq, kind, final, payload, created_at) VALUES {events}"
+        f"{submit_events(started, 'postgresql')}"
     )
 
 

@@ -353,9 +353,10 @@ class SqlStore(SqlEngine):
                     raise ContextMismatch(f"contextId {ctx} belongs to another principal")
             await db.run(q.INSERT_TASK, _task_values(task))
             await self._message(db, owner, stored)
-            await self._event(db, task_id, 1, "status", first, False, created_at=ts)
+            events = {"id": task_id, "payload": dumps(first), "ts": ts}
             if working is not None:
-                await self._event(db, task_id, 2, "status", working, False, created_at=ts)
+                events["working"] = dumps(working)
+            await db.run(q.submit_events(working is not None, db.dialect), events)
             return _created(task, first, working)
 
         async def stored(db: Db) -> Submitted | None:

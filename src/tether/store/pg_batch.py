@@ -15,6 +15,11 @@ alone (a repeated messageId finds the first one committed). A batch whose
 connection breaks before its COMMIT wrote nothing: every caller gets the error and
 may retry. One whose COMMIT gets no answer may or may not have landed: every caller
 gets ``CommitUnknown`` with its own result and checks it as it would alone.
+
+A batch holds the row locks of its writes until its COMMIT. Two batches that come
+to wait on each other (a lease renewal of many tasks against another process's
+cancels, say) are a deadlock that PostgreSQL breaks after ``deadlock_timeout``: the
+write it fails is set apart as above, and the rest go on.
 """
 
 from __future__ import annotations

@@ -149,15 +149,11 @@ class PgGroupCommit:
         for write in running:
             try:
                 results.append(await write.op(db))
-            except DriverError as exc:
-                if exc.disconnected:
-                    raise
-                await conn.execute("ROLLBACK")
-                log.debug("a write set apart from its batch, to run alone: %s", exc)
-                return write
             except TimeoutError:
                 raise
             except Exception as exc:
+                if isinstance(exc, DriverError) and exc.disconnected:
+                    raise
                 await conn.execute("ROLLBACK")
                 log.debug("a write set apart from its batch, to run alone: %r", exc)
                 return write

@@ -175,3 +175,56 @@ async def test_concurrent_writes_share_commits_and_answer_alone(pg_store: SqlSto
     assert {e.seq for e in finals} == {3}
     for t in tasks:
         assert [e.seq for e in await pg_store.events_after(t.id, 0)] == [1, 2, 3]
+
+
+async def _statements_per_transaction(store: SqlStore, table: str) -> tuple[int, int]:
+    """The transactions that wrote ``table``'s live rows, and how many of them wrote
+    those rows with more than one statement (rows of one statement share xmin and cmin)."""
+    pool = await store._connections()
+    row = await pool.fetchrow(
+        "SELECT count(*), count(*) FILTER (WHERE statements > 1) FROM (SELECT "
+        f"count(DISTINCT cmin::text) AS statements FROM {table} GROUP BY xmin::text) x"
+    )
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def test_writes_of_one_kind_in_a_batch_go_as_one_statement(pg_store: SqlStore) -> None:
+    """A batch runs its submits, its claims and its outcomes as one statement each
+    (``pg_batch.Bulk``); a row the statement refuses (a lease held by another worker, a
+    task another outcome finished first) answers as it would alone, the others stand."""
+    n = 32
+    async with asyncio.timeout(DEADLINE):
+        subs = await asyncio.gather(
+            *(pg_store.submit(owner=OWNER, message=user_msg(f"b{i}"), context_id=None)
+              for i in range(n))
+        )  # fmt: skip
+        transactions, split = await _statements_per_transaction(pg_store, "tasks")
+        assert transactions < n and split == 0
+        ids = [s.task.id for s in subs]
+        claims = await asyncio.gather(
+            *(pg_store.claim(t, "w", lease_seconds=60, max_attempts=1) for t in ids)
+        )
+        assert all(c is not None and c.task is not None for c in claims)
+        transactions, split = await _statements_per_transaction(pg_store, "tasks")
+        assert transactions < n and split == 0
+
+        # Two outcomes race for each of the first tasks; others get one from a worker
+        # without their lease.
+        twice, stranger = ids[:4], ids[4:8]
+        results = await asyncio.gather(
+            *(pg_store.transition(t, S.COMPLETED, lease_owner="w") for t in ids[8:] + twice),
+            *(pg_store.transition(t, S.FAILED, lease_owner="w") for t in twice),
+            *(pg_store.transition(t, S.FAILED, lease_owner="x") for t in stranger),
+            return_exceptions=True,
+        )
+        won = Counter(e.task_id for e in results if not isinstance(e, BaseException))
+        assert set(won) == set(ids) - set(stranger) and set(won.values()) == {1}
+        refused = [type(e).__name__ for e in results if isinstance(e, BaseException)]
+        assert sorted(refused) == ["InvalidTransition"] * 4 + ["LeaseLost"] * 4
+        for t in stranger:
+            await pg_store.transition(t, S.COMPLETED, lease_owner="w")
+    for t in ids:
+        task = await pg_store.get_task(OWNER, t)
+        assert task.state in (S.COMPLETED, S.FAILED) and task.version == 2
+        assert [e.seq for e in await pg_store.events_after(t, 0)] == [1, 2, 3]

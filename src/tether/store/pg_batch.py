@@ -22,19 +22,35 @@ lock rows in different orders, and PostgreSQL breaks such a deadlock only after
 ``deadlock_timeout`` (1 s by default; the bench's p99 showed it). A statement in a
 batch gives up a row lock after ``LOCK_WAIT``: its write is set apart as above,
 the batch's locks go, and alone it waits as long as it must.
+
+A write that is one statement over a batch's rows (``Bulk``) goes with the others of
+its statement as one statement: one execution for all their rows. A row its guard
+refused comes back missing, wrote nothing, and its write runs alone after the
+commit, to answer as it would have alone. When such a statement fails as a whole
+(a repeated messageId among its rows, say), the batch is rolled back and its writes
+run one statement each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from tether.store.sql_exec import CommitUnknown, Db, DriverError, PgDb, pg_error, terminate
+from tether.store.sql_exec import (
+    CommitUnknown,
+    Db,
+    DriverError,
+    PgDb,
+    Row,
+    pg_error,
+    terminate,
+)
 
 log = logging.getLogger("tether.store")
 T = TypeVar("T")
@@ -53,11 +69,38 @@ LOCK_WAIT = "50ms"
 _BEGIN = f"BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}'"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Bulk(Generic[T]):
+    """A write that is one statement over ``r``, the rows of a batch (``queries``'
+    ``_pg_rows``); ``row`` is this write's, a value per column."""
+
+    sql: str
+    row: Mapping[str, Any]
+    finish: Callable[[Row], T]  # the write's result from its returned row, after r.i
+    # Its answer when the statement's guard refused its row; None: a statement that has
+    # no guard (it writes every row or fails).
+    missing: Callable[[Db], Awaitable[T]] | None = None
+
+    async def alone(self, db: Db) -> T:
+        rows = await db.rows(self.sql, {name: [value] for name, value in self.row.items()})
+        if rows:
+            return self.finish(rows[0][1:])
+        if self.missing is None:
+            raise RuntimeError(f"a write without a guard returned no row: {self.sql[:80]}")
+        return await self.missing(db)
+
+
+class _Ungroup(Exception):
+    """A statement of a batch's rows failed as a whole: its rows go one by one."""
+
+
+@dataclass(slots=True, eq=False)
 class _Write:
     op: Op[Any]
     single: bool  # one statement: alone, it runs in autocommit
+    bulk: Bulk[Any] | None
     fut: asyncio.Future[Any]
+    result: Any = None
 
 
 class PgGroupCommit:
@@ -76,10 +119,11 @@ class PgGroupCommit:
         self._pending: list[_Write] = []
         self._flushers: set[asyncio.Task[None]] = set()
 
-    async def run(self, op: Op[T], *, single: bool) -> T:
-        """``op``'s result once its transaction has committed, or what it raised."""
+    async def run(self, op: Op[T], *, single: bool, bulk: Bulk[T] | None = None) -> T:
+        """``op``'s result once its transaction has committed, or what it raised.
+        ``bulk``: ``op`` is that statement alone."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(op, single, fut))
+        self._pending.append(_Write(op, single, bulk, fut))
         if len(self._flushers) < FLUSHERS:
             flusher = asyncio.create_task(self._flush())
             self._flushers.add(flusher)
@@ -115,16 +159,21 @@ class PgGroupCommit:
     async def _together(self, batch: list[_Write]) -> None:
         running = batch
         after: list[_Write] = []
+        grouped = True
         try:
             pool = await self._connect()
             async with pool.acquire(timeout=self._timeout) as conn:
                 try:
                     while running:
-                        failed = await self._attempt(conn, running)
+                        try:
+                            failed = await self._attempt(conn, running, after, grouped)
+                        except _Ungroup:
+                            grouped = False
+                            continue
                         if failed is None:
                             break
                         after.append(failed)
-                        running = [w for w in running if w is not failed]
+                        running = [w for w in running if w not in after]
                 except BaseException:
                     # Gone, timed out or interrupted before COMMIT: the server rolls
                     # the transaction back when the connection closes.
@@ -132,7 +181,8 @@ class PgGroupCommit:
                     raise
         except Exception as exc:
             for write in running:
-                _fail(write, exc)
+                if write not in after:
+                    _fail(write, exc)
         except BaseException:
             for write in (*running, *after):
                 write.fut.cancel()
@@ -140,15 +190,22 @@ class PgGroupCommit:
         for write in after:
             await self._run_alone(write)
 
-    async def _attempt(self, conn: asyncpg.Connection, running: list[_Write]) -> _Write | None:
-        """Runs ``running`` in one transaction and commits it, settling every caller; or,
-        when one raises, rolls it back and returns that one (no caller settled)."""
+    async def _attempt(
+        self, conn: asyncpg.Connection, running: list[_Write], after: list[_Write], grouped: bool
+    ) -> _Write | None:
+        """Runs ``running`` in one transaction and commits it, settling every caller but
+        those it adds to ``after`` (refused rows of a ``Bulk``); or, when one raises,
+        rolls it back and returns that one (no caller settled)."""
         db = PgDb(conn)
         await conn.execute(_BEGIN)
-        results: list[Any] = []
+        done: list[_Write] = []
+        if grouped:
+            await self._grouped(db, running, after, done)
         for write in running:
+            if write in after or write in done:
+                continue
             try:
-                results.append(await write.op(db))
+                write.result = await write.op(db)
             except TimeoutError:
                 raise
             except Exception as exc:
@@ -157,17 +214,48 @@ class PgGroupCommit:
                 await conn.execute("ROLLBACK")
                 log.debug("a write set apart from its batch, to run alone: %r", exc)
                 return write
+            done.append(write)
         try:
             await conn.execute("COMMIT")
         except Exception as exc:
             terminate(conn)
             cause = pg_error(exc)
-            for write, result in zip(running, results, strict=True):
-                _fail(write, CommitUnknown(cause, result))
+            for write in done:
+                _fail(write, CommitUnknown(cause, write.result))
             return None
-        for write, result in zip(running, results, strict=True):
-            _settle(write, result)
+        for write in done:
+            _settle(write, write.result)
         return None
+
+    @staticmethod
+    async def _grouped(
+        db: PgDb, running: list[_Write], after: list[_Write], done: list[_Write]
+    ) -> None:
+        """Each ``Bulk`` statement once, for the rows of all its writes in ``running``."""
+        by_sql: dict[str, list[tuple[_Write, Bulk[Any]]]] = defaultdict(list)
+        for write in running:
+            if write.bulk is not None:
+                by_sql[write.bulk.sql].append((write, write.bulk))
+        for sql, group in by_sql.items():
+            columns = {name: [bulk.row[name] for _, bulk in group] for name in group[0][1].row}
+            try:
+                rows = await db.rows(sql, columns)
+            except TimeoutError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, DriverError) and exc.disconnected:
+                    raise
+                await db.conn.execute("ROLLBACK")
+                log.debug("a batch's rows failed together, to run one by one: %r", exc)
+                raise _Ungroup from exc
+            returned = {row[0]: row[1:] for row in rows}
+            for number, (write, bulk) in enumerate(group, 1):
+                row = returned.get(number)
+                if row is None:
+                    after.append(write)
+                else:
+                    write.result = bulk.finish(row)
+                    done.append(write)
 
 
 def _settle(write: _Write, result: Any) -> None:

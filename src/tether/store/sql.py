@@ -65,6 +65,7 @@ from tether.store.common import (
     status_payload,
     trim_history,
 )
+from tether.store.pg_batch import Bulk
 from tether.store.sql_engine import SqlEngine
 from tether.store.sql_exec import Db, Row, dumps, in_list, loads
 
@@ -211,6 +212,12 @@ class SqlStore(SqlEngine):
         ``whole``: the event carries the task as this leaves it (``TaskEvent.task``).
         """
         ts = now() if ts is None else ts
+        if db.dialect == "postgresql":
+            bulk = self._pg_state(
+                task_id, to, message, owner=owner, lease_owner=lease_owner, new_turn=new_turn,
+                ts=ts, whole=whole,
+            )  # fmt: skip
+            return await bulk.alone(db)
         sets: tuple[str, ...] = q.STATE_SETS
         if to.terminal or to.interrupted:
             sets += q.LEASE_CLEARED
@@ -219,10 +226,6 @@ class SqlStore(SqlEngine):
         allowed = q.ALLOWED_FROM[to]
         final = to.terminal or to.interrupted
         values = {"state": to.value, "ts": ts, "status_message": dumps(message)}
-        if db.dialect == "postgresql":
-            return await self._set_state_pg(
-                db, task_id, to, message, sets, values, owner, lease_owner, whole
-            )
         row = await self._bump(
             db, task_id, to, allowed, sets, values, owner=owner, lease_owner=lease_owner,
             whole=whole,
@@ -240,54 +243,61 @@ class SqlStore(SqlEngine):
             db, task_id, seq, "status", payload, final, created_at=ts, task=task
         )
 
-    async def _set_state_pg(
+    def _pg_state(
         self,
-        db: Db,
         task_id: str,
         to: TaskState,
         message: JSON | None,
-        sets: tuple[str, ...],
-        values: dict[str, Any],
-        owner: str | None,
-        lease_owner: str | None,
-        whole: bool,
-    ) -> TaskEvent:
-        """``_set_state`` as one statement: the update, its message and its event."""
+        *,
+        owner: str | None = None,
+        lease_owner: str | None = None,
+        new_turn: bool = False,
+        ts: float,
+        whole: bool = False,
+    ) -> Bulk[TaskEvent]:
+        """``_set_state`` on PostgreSQL: the update, its message and its event in one
+        statement, which a batch shares with the others of its kind."""
         allowed = q.ALLOWED_FROM[to]
         final = to.terminal or to.interrupted
-        ts = values["ts"]
         state = status(to, message, ts)
-        params = {
-            **values,
+        row = {
             "id": task_id,
-            "owner": owner,
-            "lease_owner": lease_owner,
-            "task_id": task_id,
+            "state": to.value,
+            "ts": ts,
+            "status_message": dumps(message),
             "final": final,
             "status": dumps(state),
-            "created": ts,
         }
+        if owner is not None:
+            row["owner"] = owner
+        if lease_owner is not None:
+            row["lease_owner"] = lease_owner
         if message is not None:
-            params.update(
+            row.update(
                 message_id=message["messageId"],
                 message_context=message["contextId"],
                 role=message.get("role", "ROLE_USER"),
                 body=dumps(message),
             )
         sql = q.pg_set_state(
-            sets, allowed, owner is not None, lease_owner is not None, message is not None, whole
-        )
-        row = await db.first(sql, params)
-        if row is None:
+            allowed, owner is not None, lease_owner is not None, final, new_turn,
+            message is not None, whole,
+        )  # fmt: skip
+
+        def event(row: Row) -> TaskEvent:
+            if not whole:
+                payload = {"taskId": task_id, "contextId": str(row[1]), "status": state}
+                return TaskEvent(task_id, int(row[0]), "status", payload, final)
+            task = _with_children(row, "postgresql")
+            if message is not None:
+                task.history.append(message)  # the statement's reads do not see its own writes
+            payload = {"taskId": task_id, "contextId": task.context_id, "status": state}
+            return TaskEvent(task_id, task.last_seq, "status", payload, final, task)
+
+        async def refused(db: Db) -> NoReturn:
             await self._refused(db, task_id, to, allowed, owner, lease_owner)
-        if not whole:
-            payload = {"taskId": task_id, "contextId": str(row[1]), "status": state}
-            return TaskEvent(task_id, int(row[0]), "status", payload, final)
-        task = _with_children(row, db.dialect)
-        if message is not None:
-            task.history.append(message)  # the statement's reads do not see its own writes
-        payload = {"taskId": task_id, "contextId": task.context_id, "status": state}
-        return TaskEvent(task_id, task.last_seq, "status", payload, final, task)
+
+        return Bulk(sql, row, event, refused)
 
     async def _load(
         self,
@@ -332,18 +342,10 @@ class SqlStore(SqlEngine):
         async def op(db: Db) -> Submitted:
             # No look-up of the messageId first: a repeat fails the messages table's
             # unique constraint, and ``raced`` answers it (the common case pays nothing).
-            ts = now()
-            ctx = context_id or new_id()
-            task = _submitted(task_id, ctx, owner, metadata, ts, start)
-            stored = stamp(message, task_id, ctx)
-            task.history = [stored]
-            first = status_payload(task_id, ctx, TaskState.SUBMITTED, None, ts)
-            working = status_payload(task_id, ctx, TaskState.WORKING, None, ts) if start else None
-            if context_id is None and db.dialect == "postgresql":
-                await db.run(
-                    q.pg_submit(start is not None), _pg_submit(task, stored, first, working)
-                )
-                return _created(task, first, working)
+            task, stored, first, working = _new_task(
+                task_id, owner, message, context_id, metadata, start
+            )
+            ts, ctx = task.created_at, task.context_id
             if context_id is None:
                 await db.run(q.INSERT_CONTEXT, {"id": ctx, "owner": owner, "ts": ts})
             # ON CONFLICT: two first messages of one new context may race to create it.
@@ -379,11 +381,13 @@ class SqlStore(SqlEngine):
                 raise InvalidInput(f"messageId {message['messageId']} conflicts")
             return found
 
-        # A new context's first message is one statement on PostgreSQL.
-        single = context_id is None and self.dialect == "postgresql"
-        return await self._write(
-            op, idempotent=True, on_conflict=raced, recover=stored if single else None
-        )
+        if context_id is None and self.dialect == "postgresql":
+            # A new context's first message is one statement, shared in a batch.
+            bulk = _pg_submit(task_id, owner, message, metadata, start)
+            return await self._write(
+                bulk.alone, idempotent=True, on_conflict=raced, recover=stored, bulk=bulk
+            )
+        return await self._write(op, idempotent=True, on_conflict=raced)
 
     async def _existing(self, db: Db, owner: str, task_id: str, *, mine: bool) -> Submitted:
         task = await self._load(db, task_id, owner)
@@ -511,6 +515,11 @@ class SqlStore(SqlEngine):
             check_message(message)
         ts = now()
         whole = to.terminal or to.interrupted
+        if self.dialect == "postgresql":
+            bulk = self._pg_state(task_id, to, message, lease_owner=lease_owner, ts=ts, whole=whole)
+            return await self._write(
+                bulk.alone, recover=lambda db: self._written_at(db, task_id, ts), bulk=bulk
+            )
         return await self._write(
             lambda db: self._set_state(
                 db, task_id, to, message, lease_owner=lease_owner, ts=ts, whole=whole
@@ -608,26 +617,14 @@ class SqlStore(SqlEngine):
         t = now()  # this claim's clock reading: its lease expiry and its event's stamp
         working = status(TaskState.WORKING, None, t)
 
-        async def fresh_pg(db: Db) -> Claim | None:
-            """A task never started, leased and started in one statement; None if not such."""
-            row = await db.first(
-                q.PG_CLAIM_FRESH,
-                {
-                    "id": task_id,
-                    "worker": worker,
-                    "now": t,
-                    "expires": t + lease_seconds,
-                    "max_attempts": max_attempts,
-                    "final": False,
-                    "status": dumps(working),
-                    "created": t,
-                },
-            )
-            if row is None:
-                return None
-            task = _with_children(row, db.dialect)
+        def fresh(row: Row) -> Claim:
+            """A task never started, leased and started by ``PG_CLAIM_FRESH``."""
+            task = _with_children(row, "postgresql")
             payload = {"taskId": task_id, "contextId": task.context_id, "status": working}
             return Claim(task, [TaskEvent(task_id, task.last_seq, "status", payload)])
+
+        async def not_fresh(db: Db) -> None:
+            return None
 
         async def claimed(db: Db) -> Claim | None:
             """After a lost reply: the claim, if its event (stamped ``t``) is stored."""
@@ -637,7 +634,16 @@ class SqlStore(SqlEngine):
             )
 
         if self.dialect == "postgresql":
-            started = await self._write(fresh_pg, recover=claimed)
+            row = {
+                "id": task_id,
+                "worker": worker,
+                "now": t,
+                "expires": t + lease_seconds,
+                "max_attempts": max_attempts,
+                "status": dumps(working),
+            }
+            bulk: Bulk[Claim | None] = Bulk(q.PG_CLAIM_FRESH, row, fresh, not_fresh)
+            started = await self._write(bulk.alone, recover=claimed, bulk=bulk)
             if started is not None:
                 return started
 
@@ -880,6 +886,26 @@ def _submitted(
     return task
 
 
+def _new_task(
+    task_id: str,
+    owner: str,
+    message: JSON,
+    context_id: str | None,
+    metadata: JSON | None,
+    start: Start | None,
+) -> tuple[TaskRecord, JSON, JSON, JSON | None]:
+    """A submit's new task (in a new context unless ``context_id``), its first message
+    as stored, its submitted event's payload and with ``start`` its working one's."""
+    ts = now()
+    ctx = context_id or new_id()
+    task = _submitted(task_id, ctx, owner, metadata, ts, start)
+    stored = stamp(message, task_id, ctx)
+    task.history = [stored]
+    first = status_payload(task_id, ctx, TaskState.SUBMITTED, None, ts)
+    working = status_payload(task_id, ctx, TaskState.WORKING, None, ts) if start else None
+    return task, stored, first, working
+
+
 def _task_values(task: TaskRecord) -> dict[str, Any]:
     """``q.INSERT_TASK``'s parameters."""
     return {
@@ -897,9 +923,12 @@ def _task_values(task: TaskRecord) -> dict[str, Any]:
     }
 
 
-def _pg_submit(task: TaskRecord, stored: JSON, first: JSON, working: JSON | None) -> dict[str, Any]:
-    """``q.pg_submit``'s parameters."""
-    values = {
+def _pg_submit(
+    task_id: str, owner: str, message: JSON, metadata: JSON | None, start: Start | None
+) -> Bulk[Submitted]:
+    """``submit`` of a new context's first message on PostgreSQL (``q.pg_submit``)."""
+    task, stored, first, working = _new_task(task_id, owner, message, None, metadata, start)
+    row = {
         **_task_values(task),
         "message_id": stored["messageId"],
         "role": stored.get("role", "ROLE_USER"),
@@ -907,8 +936,9 @@ def _pg_submit(task: TaskRecord, stored: JSON, first: JSON, working: JSON | None
         "payload": dumps(first),
     }
     if working is not None:
-        values["working"] = dumps(working)
-    return values
+        row["working"] = dumps(working)
+    created = _created(task, first, working)
+    return Bulk(q.pg_submit(start is not None), row, lambda _: created)
 
 
 def _created(task: TaskRecord, first: JSON, working: JSON | None) -> Submitted:

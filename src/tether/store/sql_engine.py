@@ -47,7 +47,8 @@ from tether.store.sql_exec import (
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
-from tether.store.pg_batch import PgGroupCommit
+from tether.store import queries as q
+from tether.store.pg_batch import Bulk, PgGroupCommit
 from tether.store.sqlite_batch import GroupCommit
 
 log = logging.getLogger("tether.store")
@@ -226,6 +227,7 @@ class SqlEngine:
             # The store leaves no session state behind; asyncpg's default reset costs a
             # round trip each time a connection goes back to the pool.
             reset=_rollback_if_open,
+            init=_learn_array_types,
         )
         if self._pool is None:
             self._pool = pool
@@ -371,6 +373,7 @@ class SqlEngine:
         verify: Verify[T] | None = None,
         on_conflict: Callable[[], Awaitable[T]] | None = None,
         recover: Recover[T] | None = None,
+        bulk: Bulk[T] | None = None,
     ) -> T:
         """One transaction. ``idempotent``: repeating ``op`` after an unknown commit is safe;
         ``verify``: how to tell whether such a commit landed (see ``_retrying``).
@@ -381,12 +384,15 @@ class SqlEngine:
 
         ``on_conflict`` answers a unique-constraint race lost to a concurrent writer;
         without it a conflict is the caller's bad input.
+
+        ``bulk``: ``op`` is that statement alone; a PostgreSQL batch runs it once for all
+        its writes (``pg_batch``).
         """
 
         async def once() -> T:
             if self.dialect == "sqlite":
                 return await self._writer().run(op)
-            return await self._pg_writer().run(op, single=recover is not None)
+            return await self._pg_writer().run(op, single=recover is not None, bulk=bulk)
 
         try:
             return await self._retrying(once, idempotent=idempotent, verify=verify, recover=recover)
@@ -446,6 +452,13 @@ class SqlEngine:
                     db.execute("ROLLBACK")
 
         return await self._retrying(shared if self.dialect == "sqlite" else pooled)
+
+
+async def _learn_array_types(conn: asyncpg.Connection) -> None:
+    # asyncpg looks an array type up on its first use on each connection, ~10 ms: paid
+    # here, as the connection opens, rather than by a request (the batched writes take
+    # their rows as arrays, see ``queries``).
+    await conn.prepare(q.PG_ARRAY_TYPES)
 
 
 async def _rollback_if_open(conn: asyncpg.Connection) -> None:

@@ -48,6 +48,7 @@ from tether.store.sql_exec import (
     DriverError,
     PgDb,
     Row,
+    dumps,
     pg_error,
     terminate,
 )
@@ -72,7 +73,8 @@ _BEGIN = f"BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}'"
 @dataclass(frozen=True, slots=True)
 class Bulk(Generic[T]):
     """A write that is one statement over ``r``, the rows of a batch (``queries``'
-    ``_pg_rows``); ``row`` is this write's, a value per column."""
+    ``_pg_rows``, from the JSON array ``:rows``); ``row`` is this write's, a value per
+    column."""
 
     sql: str
     row: Mapping[str, Any]
@@ -82,7 +84,7 @@ class Bulk(Generic[T]):
     missing: Callable[[Db], Awaitable[T]] | None = None
 
     async def alone(self, db: Db) -> T:
-        rows = await db.rows(self.sql, {name: [value] for name, value in self.row.items()})
+        rows = await db.rows(self.sql, {"rows": dumps([self.row])})
         if rows:
             return self.finish(rows[0][1:])
         if self.missing is None:
@@ -237,9 +239,8 @@ class PgGroupCommit:
             if write.bulk is not None:
                 by_sql[write.bulk.sql].append((write, write.bulk))
         for sql, group in by_sql.items():
-            columns = {name: [bulk.row[name] for _, bulk in group] for name in group[0][1].row}
             try:
-                rows = await db.rows(sql, columns)
+                rows = await db.rows(sql, {"rows": dumps([bulk.row for _, bulk in group])})
             except TimeoutError:
                 raise
             except Exception as exc:

@@ -233,41 +233,35 @@ PG_LOAD = (
 )
 PG_LOAD_OF_OWNER = PG_LOAD + " AND owner = :owner"
 
-# The hot writes take their rows as arrays, one per column, so that the writes a group
-# commit gathers (``pg_batch``) run as one statement: PostgreSQL's cost per statement,
-# and the driver's, is most of such a write's (measured: 16 submits as one statement
-# took 0.08 ms of the server's CPU each, one by one 0.18). Alone, a write is a batch of
-# one. Each returns ``r.i``, the number of its row, first: a row that the statement's
-# guard refused returns nothing.
+# The hot writes take their rows as one JSON array (``:rows``), so that the writes a
+# group commit gathers (``pg_batch``) run as one statement: PostgreSQL's cost per
+# statement, and the driver's, is most of such a write's (measured: 16 submits as one
+# statement took 0.07-0.09 ms of the server's CPU each, one by one 0.18). Alone, a write
+# is a batch of one. Each returns ``r.i``, the number of its row, first: a row that the
+# statement's guard refused returns nothing.
 
 
 def _pg_rows(columns: str) -> str:
-    """``r``: a batch's rows from ``columns`` ("name type, ..."), one array parameter
-    ``:name`` each, numbered from 1 as ``r.i``."""
-    pairs = [c.split() for c in columns.split(", ")]
-    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in pairs)
-    names = ", ".join(name for name, _ in pairs)
-    return f"r AS (SELECT * FROM unnest({arrays}) WITH ORDINALITY AS r({names}, i))"
+    """``r``: a batch's rows, the objects of ``:rows`` with ``columns`` ("name type,
+    ..."), numbered from 1 as ``r.i``."""
+    names = ", ".join(column.split()[0] for column in columns.split(", "))
+    return (
+        "r AS (SELECT * FROM ROWS FROM (jsonb_to_recordset(CAST(:rows AS jsonb)) "
+        f"AS ({columns})) WITH ORDINALITY AS r({names}, i))"
+    )
 
 
-# The array types of those rows' columns (prepared by itself, so in asyncpg's ``$n``).
-PG_ARRAY_TYPES = (
-    "SELECT CAST($1 AS varchar[]), CAST($2 AS float8[]), CAST($3 AS int[]), "
-    "CAST($4 AS text[]), CAST($5 AS bool[])"
-)
 _OF_TASKS = ", ".join(f"tasks.{c}" for c in TASK_COLUMN_NAMES)
-# The tasks of ``r`` by primary key, whatever the planner thinks of an unanalysed table.
-_TASK_OF_ROW = "tasks.id = ANY(CAST(:id AS varchar[])) AND tasks.id = r.id"
+_TASK_OF_ROW = "tasks.id = r.id"
 # ``SQLITE_WHOLE`` on PostgreSQL, for the task updated by a statement's ``u``.
 _PG_WHOLE = f", {_ARTIFACTS_OF.format('u.id')}, {_HISTORY_OF.format('u.id', 'NULL')}"
 _STATUS_EVENT = (
     "e AS (INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
     "SELECT r.id, u.last_seq, 'status', {final}, jsonb_build_object('taskId', r.id, "
-    "'contextId', u.context_id, 'status', CAST(r.status AS jsonb)), r.{ts} "
-    "FROM u JOIN r USING (i))"
+    "'contextId', u.context_id, 'status', r.status), r.{ts} FROM u JOIN r USING (i))"
 )
 PG_CLAIM_FRESH = (
-    f"WITH {_pg_rows('id varchar, worker varchar, now float8, expires float8, max_attempts int, status text')}, "  # noqa: E501
+    f"WITH {_pg_rows('id text, worker text, now float8, expires float8, max_attempts int, status jsonb')}, "  # noqa: E501
     "u AS (UPDATE tasks SET lease_owner = r.worker, lease_expires = r.expires, "
     f"attempts = tasks.attempts + 1, state = '{TaskState.WORKING.value}', "
     "version = tasks.version + 1, status_ts = r.now, status_message = NULL, "
@@ -279,9 +273,9 @@ PG_CLAIM_FRESH = (
     f"SELECT u.*{_PG_WHOLE} FROM u"
 )
 _SUBMIT_ROWS = (
-    "id varchar, context_id varchar, owner varchar, state varchar, version int, ts float8, "
-    "metadata text, last_seq int, attempts int, lease_owner varchar, lease_expires float8, "
-    "message_id varchar, role varchar, body text, payload text"
+    "id text, context_id text, owner text, state text, version int, ts float8, "
+    "metadata jsonb, last_seq int, attempts int, lease_owner text, lease_expires float8, "
+    "message_id text, role text, body jsonb, payload jsonb"
 )
 
 
@@ -289,23 +283,18 @@ _SUBMIT_ROWS = (
 def pg_submit(started: bool) -> str:
     """New tasks in new contexts, their first messages and first events (and with
     ``started`` the claim's working events)."""
-    working = (
-        " UNION ALL SELECT id, 2, 'status', false, CAST(working AS jsonb), ts FROM r"
-        if started
-        else ""
-    )
+    working = " UNION ALL SELECT id, 2, 'status', false, working, ts FROM r" if started else ""
     return (
-        f"WITH {_pg_rows(_SUBMIT_ROWS + (', working text' if started else ''))}, "
+        f"WITH {_pg_rows(_SUBMIT_ROWS + (', working jsonb' if started else ''))}, "
         "c AS (INSERT INTO contexts (id, owner, created_at) SELECT context_id, owner, ts FROM r), "
         "t AS (INSERT INTO tasks (id, context_id, owner, state, version, status_ts, created_at, "
         "metadata, last_seq, attempts, lease_owner, lease_expires) SELECT id, context_id, owner, "
-        "state, version, ts, ts, CAST(metadata AS jsonb), last_seq, attempts, lease_owner, "
-        "lease_expires FROM r), "
-        "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
-        "created_at) SELECT owner, message_id, id, context_id, role, CAST(body AS jsonb), ts "
+        "state, version, ts, ts, metadata, last_seq, attempts, lease_owner, lease_expires "
         "FROM r), "
+        "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
+        "created_at) SELECT owner, message_id, id, context_id, role, body, ts FROM r), "
         "e AS (INSERT INTO events (task_id, seq, kind, final, payload, created_at) "
-        f"SELECT id, 1, 'status', false, CAST(payload AS jsonb), ts FROM r{working}) "
+        f"SELECT id, 1, 'status', false, payload, ts FROM r{working}) "
         "SELECT i FROM r"
     )
 
@@ -323,22 +312,22 @@ def pg_set_state(
     """``bump`` of ``STATE_SETS`` (and ``LEASE_CLEARED``, ``attempts = 0``) with its
     message and its status event; it returns ``r.i`` and ``last_seq, context_id,
     owner``, or with ``whole`` the task as ``SQLITE_WHOLE`` says."""
-    columns = "id varchar, state varchar, ts float8, status_message text, final bool, status text"
+    columns = "id text, state text, ts float8, status_message jsonb, final boolean, status jsonb"
     where = f"{_TASK_OF_ROW} AND tasks.state IN ({_states(states)})"
     if owner:
-        columns += ", owner varchar"
+        columns += ", owner text"
         where += " AND tasks.owner = r.owner"
     if lease:
-        columns += ", lease_owner varchar"
+        columns += ", lease_owner text"
         where += " AND tasks.lease_owner = r.lease_owner"
     if message:
-        columns += ", message_id varchar, message_context varchar, role varchar, body text"
+        columns += ", message_id text, message_context text, role text, body jsonb"
     sets = [
         "last_seq = tasks.last_seq + 1",
         "state = r.state",
         "version = tasks.version + 1",
         "status_ts = r.ts",
-        "status_message = CAST(r.status_message AS jsonb)",
+        "status_message = r.status_message",
     ]
     if ends_lease:
         sets += LEASE_CLEARED
@@ -352,8 +341,8 @@ def pg_set_state(
     if message:
         parts.append(
             "m AS (INSERT INTO messages (owner, message_id, task_id, context_id, role, body, "
-            "created_at) SELECT u.owner, r.message_id, r.id, r.message_context, r.role, "
-            "CAST(r.body AS jsonb), r.ts FROM u JOIN r USING (i))"
+            "created_at) SELECT u.owner, r.message_id, r.id, r.message_context, r.role, r.body, "
+            "r.ts FROM u JOIN r USING (i))"
         )
     parts.append(_STATUS_EVENT.format(final="r.final", ts="ts"))
     return ", ".join(parts) + f" SELECT u.*{_PG_WHOLE if whole else ''} FROM u"

@@ -264,9 +264,9 @@ class SqlStore(SqlEngine):
             "id": task_id,
             "state": to.value,
             "ts": ts,
-            "status_message": dumps(message),
+            "status_message": message,
             "final": final,
-            "status": dumps(state),
+            "status": state,
         }
         if owner is not None:
             row["owner"] = owner
@@ -277,7 +277,7 @@ class SqlStore(SqlEngine):
                 message_id=message["messageId"],
                 message_context=message["contextId"],
                 role=message.get("role", "ROLE_USER"),
-                body=dumps(message),
+                body=message,
             )
         sql = q.pg_set_state(
             allowed, owner is not None, lease_owner is not None, final, new_turn,
@@ -640,7 +640,7 @@ class SqlStore(SqlEngine):
                 "now": t,
                 "expires": t + lease_seconds,
                 "max_attempts": max_attempts,
-                "status": dumps(working),
+                "status": working,
             }
             bulk: Bulk[Claim | None] = Bulk(q.PG_CLAIM_FRESH, row, fresh, not_fresh)
             started = await self._write(bulk.alone, recover=claimed, bulk=bulk)
@@ -930,13 +930,14 @@ def _pg_submit(
     task, stored, first, working = _new_task(task_id, owner, message, None, metadata, start)
     row = {
         **_task_values(task),
+        "metadata": metadata,
         "message_id": stored["messageId"],
         "role": stored.get("role", "ROLE_USER"),
-        "body": dumps(stored),
-        "payload": dumps(first),
+        "body": stored,
+        "payload": first,
     }
     if working is not None:
-        row["working"] = dumps(working)
+        row["working"] = working
     created = _created(task, first, working)
     return Bulk(q.pg_submit(start is not None), row, lambda _: created)
 

@@ -47,7 +47,6 @@ from tether.store.sql_exec import (
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
-from tether.store import queries as q
 from tether.store.pg_batch import Bulk, PgGroupCommit
 from tether.store.sqlite_batch import GroupCommit
 
@@ -227,7 +226,6 @@ class SqlEngine:
             # The store leaves no session state behind; asyncpg's default reset costs a
             # round trip each time a connection goes back to the pool.
             reset=_rollback_if_open,
-            init=_learn_array_types,
         )
         if self._pool is None:
             self._pool = pool
@@ -452,13 +450,6 @@ class SqlEngine:
                     db.execute("ROLLBACK")
 
         return await self._retrying(shared if self.dialect == "sqlite" else pooled)
-
-
-async def _learn_array_types(conn: asyncpg.Connection) -> None:
-    # asyncpg looks an array type up on its first use on each connection, ~10 ms: paid
-    # here, as the connection opens, rather than by a request (the batched writes take
-    # their rows as arrays, see ``queries``).
-    await conn.prepare(q.PG_ARRAY_TYPES)
 
 
 async def _rollback_if_open(conn: asyncpg.Connection) -> None:
